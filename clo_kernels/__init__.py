@@ -1,0 +1,25 @@
+"""clo_kernels: the Cross-Lingual Optimization (CLO) loss without [tokens x vocab] logits.
+
+    import clo_kernels as ck
+    out = ck.fused_linear_clo_loss(hidden, lm_head.weight, labels, chosen=c, rejected=r, nll_mask=m)
+    out.loss.backward()
+
+Importing this package needs only torch: Triton is loaded on the first impl="triton" call.
+"""
+
+from .from_logits import clo_loss_from_logits
+from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, quad_pairs, sequence_logps
+from .objective import CLOOutput
+from .options import LogProbOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLOOutput",
+    "FusedLinearCLOLoss",
+    "LogProbOptions",
+    "clo_loss_from_logits",
+    "fused_linear_clo_loss",
+    "quad_pairs",
+    "sequence_logps",
+]

@@ -1,0 +1,203 @@
+"""Argument checking and the token layout shared by every implementation.
+
+Every public entry point goes through :func:`prepare_batch` before any kernel runs, so
+bad input is reported by argument name, once, the same way for all ``impl=`` paths.
+The result is a flat token layout: ``hidden2d`` (N, D) (a view of the caller's tensor
+whenever its memory allows), ``labels`` (N,) already shifted, and ``seq_ids`` (N,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """The flat layout all paths compute on."""
+
+    hidden: torch.Tensor  # (N, D), last dim contiguous
+    labels: torch.Tensor  # (N,) int64, shifted when shift=True; ignore_index marks no-loss tokens
+    seq_ids: torch.Tensor  # (N,) int64 in [0, num_seqs)
+    num_seqs: int
+    valid: torch.Tensor  # (N,) bool: labels != ignore_index
+    bad_label: torch.Tensor | None  # (N,) bool: label outside [0, V) and not ignore_index
+
+
+def _require(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def check_impl(impl: str) -> None:
+    _require(impl in IMPLS, ValueError, f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    check_impl(impl)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return impl
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden (..., D) and weight (V, D): same floating dtype, same D, same device."""
+    _require(isinstance(hidden, torch.Tensor), TypeError, "hidden must be a torch.Tensor")
+    _require(isinstance(weight, torch.Tensor), TypeError, "weight must be a torch.Tensor")
+    _require(hidden.dtype in _FLOAT_DTYPES, TypeError,
+             f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    _require(weight.dim() == 2, ValueError, f"weight must be (V, D), got shape {tuple(weight.shape)}")
+    _require(weight.dtype == hidden.dtype, TypeError,
+             f"hidden and weight must share one dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
+    _require(hidden.shape[-1] == weight.shape[1], ValueError,
+             f"hidden's last dim D={hidden.shape[-1]} differs from weight's D={weight.shape[1]}")
+    _require(hidden.device == weight.device, ValueError,
+             f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        _require(isinstance(bias, torch.Tensor), TypeError, "bias must be a torch.Tensor or None")
+        _require(tuple(bias.shape) == (weight.shape[0],), ValueError,
+                 f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        _require(bias.dtype in _FLOAT_DTYPES, TypeError, f"bias must be floating, got {bias.dtype}")
+        _require(bias.device == weight.device, ValueError, "bias must be on weight's device")
+
+
+def _check_index(name: str, t: torch.Tensor, shape: tuple[int, ...] | None, device: torch.device) -> None:
+    _require(isinstance(t, torch.Tensor), TypeError, f"{name} must be a torch.Tensor")
+    _require(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool, TypeError,
+             f"{name} must be an integer tensor, got {t.dtype}")
+    if shape is not None:
+        _require(tuple(t.shape) == shape, ValueError, f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    _require(t.device == device, ValueError, f"{name} is on {t.device}, expected {device}")
+
+
+def prepare_batch(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    seq_ids: torch.Tensor | None,
+    num_seqs: int | None,
+    shift: bool,
+    ignore_index: int,
+    validate: bool,
+) -> TokenBatch:
+    """Flatten hidden (S, T, D) or packed (N, D) (or logits, D = V) to the token layout.
+
+    The caller has checked hidden's dtype and its agreement with the head."""
+    device = hidden.device
+    D, V = hidden.shape[-1], vocab_size
+    if hidden.dim() == 3:
+        S, T = hidden.shape[:2]
+        _check_index("labels", labels, (S, T), device)
+        _require(seq_ids is None, ValueError, "seq_ids is only for packed (N, D) hidden; hidden is (S, T, D)")
+        if num_seqs is not None:
+            _require(num_seqs == S, ValueError, f"num_seqs={num_seqs} but hidden holds S={S} sequences")
+        labels = labels.long()
+        if shift:
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        seq = torch.arange(S, device=device).repeat_interleave(T)
+        h2 = hidden.reshape(S * T, D)
+        labels = labels.reshape(-1)
+    elif hidden.dim() == 2:
+        N = hidden.shape[0]
+        _check_index("labels", labels, (N,), device)
+        _require(seq_ids is not None, ValueError,
+                 "seq_ids is required for packed (N, D) hidden: the sequence index of each token")
+        _check_index("seq_ids", seq_ids, (N,), device)
+        seq = seq_ids.long()
+        labels = labels.long()
+        if shift:
+            # hidden[n] predicts labels[n + 1] only while token n + 1 belongs to the same sequence.
+            same = torch.zeros(N, dtype=torch.bool, device=device)
+            if N > 1:
+                same[:-1] = seq[1:] == seq[:-1]
+            nxt = torch.nn.functional.pad(labels[1:], (0, 1), value=ignore_index)
+            labels = torch.where(same, nxt, torch.full_like(nxt, ignore_index))
+        if num_seqs is None:
+            # One host sync; pass num_seqs (or nll_mask / ref_logps, which imply it) to avoid it.
+            num_seqs = int(seq.max().item()) + 1 if N else 0
+        S = num_seqs
+        h2 = hidden
+    else:
+        raise ValueError(f"hidden must be (S, T, D) or packed (N, D), got shape {tuple(hidden.shape)}")
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+
+    valid = labels != ignore_index
+    if validate:
+        bad = valid & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must lie in [0, V={V}) or equal ignore_index={ignore_index}; "
+                f"token {i} has label {int(labels[i])}")
+        if seq_ids is not None and seq.numel():
+            lo, hi = int(seq.min()), int(seq.max())
+            _require(lo >= 0 and hi < S, ValueError, f"seq_ids must lie in [0, {S}), got range [{lo}, {hi}]")
+        bad_label = None
+    else:
+        # Without the host-side check an out-of-range label must poison the loss, not vanish.
+        bad_label = valid & ((labels < 0) | (labels >= V))
+    return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_label=bad_label)
+
+
+def check_pairs(
+    chosen: torch.Tensor, rejected: torch.Tensor, *, num_seqs: int, device: torch.device, validate: bool
+) -> None:
+    _check_index("chosen", chosen, None, device)
+    _check_index("rejected", rejected, None, device)
+    _require(chosen.dim() == 1, ValueError, f"chosen must be 1-D (P,), got shape {tuple(chosen.shape)}")
+    _require(tuple(rejected.shape) == tuple(chosen.shape), ValueError,
+             f"chosen and rejected must have the same length, got {chosen.numel()} and {rejected.numel()}")
+    if validate and chosen.numel():
+        for name, t in (("chosen", chosen), ("rejected", rejected)):
+            lo, hi = int(t.min()), int(t.max())
+            _require(lo >= 0 and hi < num_seqs, ValueError,
+                     f"{name} indices must lie in [0, {num_seqs}) (the number of sequences), got [{lo}, {hi}]")
+
+
+def check_seq_tensor(name: str, t: torch.Tensor | None, *, num_seqs: int, device: torch.device,
+                     kind: str) -> None:
+    if t is None:
+        return
+    _require(isinstance(t, torch.Tensor), TypeError, f"{name} must be a torch.Tensor or None")
+    _require(tuple(t.shape) == (num_seqs,), ValueError,
+             f"{name} must have shape ({num_seqs},), one entry per sequence, got {tuple(t.shape)}")
+    if kind == "bool":
+        _require(t.dtype == torch.bool, TypeError, f"{name} must be a bool tensor, got {t.dtype}")
+    else:
+        _require(t.is_floating_point(), TypeError, f"{name} must be a floating tensor, got {t.dtype}")
+    _require(t.device == device, ValueError, f"{name} is on {t.device}, expected {device}")
+
+
+def infer_num_seqs(hidden: torch.Tensor, *candidates: torch.Tensor | None) -> int | None:
+    """S for packed input, from the first per-sequence tensor given (no host sync)."""
+    if hidden.dim() == 3:
+        return hidden.shape[0]
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.dim() == 1:
+            return t.shape[0]
+    return None
+
+
+def check_scalars(*, beta: float, nll_weight: float, softcap: float | None) -> None:
+    _require(float(beta) > 0, ValueError, f"beta must be > 0, got {beta}")
+    _require(0.0 <= float(nll_weight) <= 1.0, ValueError, f"nll_weight must lie in [0, 1], got {nll_weight}")
+    check_softcap(softcap)
+
+
+def check_softcap(softcap: float | None) -> None:
+    _require(softcap is None or float(softcap) > 0, ValueError, f"softcap must be None or > 0, got {softcap}")
+
+
+def check_denominator(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        _require(value.numel() == 1, ValueError, f"{name} must be a scalar, got shape {tuple(value.shape)}")
+    else:
+        _require(float(value) > 0, ValueError, f"{name} must be > 0, got {value}")

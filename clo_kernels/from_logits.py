@@ -1,0 +1,127 @@
+"""The CLO loss for callers who already hold the logits (non-linear heads, custom models).
+
+One pass over the logits in the forward, no fp32 copy of them (the torch path upcasts one
+chunk of rows at a time, the Triton path one tile), and with ``inplace_backward=True`` the
+gradient is written over the logits instead of into a second [N, V] tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _inputs as I
+from .linear_logprob_torch import _CHUNK_ELEMS
+from .loss import mask_token_logps, prepare_clo_batch
+from .objective import CLOOutput, clo_objective
+
+
+def _capped(x: torch.Tensor, softcap):
+    z = x.float()
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+def _chunk(V: int) -> int:
+    return max(1, _CHUNK_ELEMS // V)
+
+
+def _forward_torch(logits, labels, softcap):
+    N, V = logits.shape
+    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+    for s in range(0, N, _chunk(V)):
+        z, _ = _capped(logits[s : s + _chunk(V)], softcap)
+        lse[s : s + z.shape[0]] = torch.logsumexp(z, -1)
+        tgt = z.gather(1, labels[s : s + z.shape[0]].clamp(0, V - 1)[:, None]).squeeze(1)
+        logp[s : s + z.shape[0]] = tgt - lse[s : s + z.shape[0]]
+    return logp, lse
+
+
+class _ChunkedLogitsLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, softcap, inplace):
+        logp, lse = _forward_torch(logits, labels, softcap)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.softcap, ctx.inplace = softcap, inplace
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        N, V = logits.shape
+        dl = logits if ctx.inplace else torch.empty_like(logits)
+        for s in range(0, N, _chunk(V)):
+            e = min(N, s + _chunk(V))
+            z, t = _capped(logits[s:e], ctx.softcap)
+            g = grad[s:e].float()
+            dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
+            dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])
+            if t is not None:
+                dz.mul_(1.0 - t * t)
+            dl[s:e] = dz
+        return dl, None, None, None
+
+
+def logits_token_logps(batch: I.TokenBatch, softcap, impl: str, inplace: bool) -> torch.Tensor:
+    logits, labels = batch.hidden, batch.labels
+    if impl == "reference":
+        from .reference import reference_logits_token_logps
+
+        out = reference_logits_token_logps(logits, labels, batch.valid, softcap)
+    elif impl == "torch":
+        if torch.is_grad_enabled() and logits.requires_grad:
+            out = _ChunkedLogitsLogProb.apply(logits, labels, softcap, inplace)
+        else:
+            out = _forward_torch(logits, labels, softcap)[0]
+    else:
+        from .logits_logprob_triton import logits_token_logps_triton
+
+        out = logits_token_logps_triton(logits, labels, softcap, inplace)
+    return mask_token_logps(out, batch)
+
+
+def clo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    nll_mask: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    beta: float = 0.1,
+    nll_weight: float = 0.5,
+    softcap: float | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    average_logps: bool = False,
+    num_pairs=None,
+    num_nll_tokens=None,
+    inplace_backward: bool = False,
+    impl: str = "auto",
+    validate: bool = True,
+) -> CLOOutput:
+    """The CLO loss of :func:`clo_kernels.fused_linear_clo_loss` from logits (S, T, V) or (N, V).
+
+    softcap, if given, is applied to the logits here (pass raw logits). With
+    ``inplace_backward=True`` the backward overwrites ``logits`` with its gradient: use it
+    only when nothing else needs the logits after the loss. The reference path has no
+    in-place backward and ignores the flag.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in I._FLOAT_DTYPES:
+        raise TypeError("logits must be a float32, bfloat16 or float16 tensor, got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    batch = prepare_clo_batch(logits, labels, vocab_size=logits.shape[-1], chosen=chosen, rejected=rejected,
+                              nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
+                              beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
+                              ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
+                              impl=impl, validate=validate)
+    if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
+        raise ValueError("inplace_backward needs logits whose rows are contiguous")
+    tok = logits_token_logps(batch, softcap, I.resolve_impl(impl, logits.device), inplace_backward)
+    return clo_objective(tok, batch.seq_ids, batch.valid, batch.num_seqs, chosen=chosen, rejected=rejected,
+                         nll_mask=nll_mask, ref_logps=ref_logps, beta=beta, nll_weight=nll_weight,
+                         average_logps=average_logps, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens)

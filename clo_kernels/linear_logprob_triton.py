@@ -1,0 +1,309 @@
+"""Fused linear log-prob in Triton: per-token log-probs straight from (hidden, weight).
+
+No [tokens x vocab] tensor is ever written to memory. For token t with label y_t:
+
+    z_t    = softcap(h_t . W^T + b)                 logits, built tile by tile in SRAM
+    logp_t = z_t[y_t] - logsumexp(z_t)
+    dz_t   = g_t * (onehot(y_t) - exp(z_t - lse_t)) * (1 - (z_t / c)^2)    (last factor: softcap c only)
+    dh     = dz @ W        dW = dz^T @ h        db = sum_t dz_t
+
+Layout: hidden (N, D) with unit stride along D, weight (V, D), labels (N,). Tokens whose
+label is ignore_index are moved behind the labelled ones by a stable argsort (``rows``) and
+``n_valid`` lives on the device, so token blocks made only of prompt or padding exit at
+once with no host synchronisation.
+
+Forward: grid (token blocks, vocabulary splits). Each program walks its vocabulary range
+in BLOCK_V tiles; each tile is a K-loop of tl.dot over D; an online logsumexp and the
+label's logit are kept per token. The splits' partial (lse, target) are merged by a
+logsumexp over a [splits, N] tensor (a few floats per token).
+
+Backward: grid over (token block, vocabulary block) tiles in grouped order. Each program
+recomputes its logit tile, forms dz, and adds dz @ W[tile] into dh and dz^T @ h[block]
+into dW with fp32 atomics (accumulating dW in bf16 across tiles loses precision). A tile
+whose softmax stays below ``filter_eps`` and that holds no label changes the gradients by
+at most filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .options import LogProbOptions
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh on every backend this library supports (Triton 3.6 GPU, 3.9 interpreter).
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """fp32 logits [BLOCK_M, BLOCK_V] of token rows x vocabulary entries offs_v (both int64)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_mask = offs_k < D - k0
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong; its fp32 one is right
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
+                D, V, v_per_split, stride_h, stride_w, stride_part, softcap,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_valid = tl.load(NVALID)
+    if pid_m * BLOCK_M < n_valid:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < n_valid
+        rows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
+        y = tl.load(Y + rows, mask=row_mask, other=-1)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        v_start = pid_s * v_per_split
+        v_end = tl.minimum(v_start + v_per_split, V)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            v_mask = offs_v < v_end
+            z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+                            HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
+            z = tl.where(v_mask[None, :], z, float("-inf"))
+            tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m_i = m_new
+        out = pid_s * stride_part + rows
+        tl.store(LSE + out, m_i + tl.log(l_i), mask=row_mask)
+        tl.store(TGT + out, tgt, mask=row_mask)
+
+
+@triton.jit
+def _bwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
+                D, V, num_m_blocks, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr, FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr,
+                COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, GROUP_M: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grouped order: GROUP_M token blocks sweep the vocabulary together, so each weight tile
+    # is read from HBM once per group and served from L2 to the rest.
+    pid = tl.program_id(0)
+    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    width = GROUP_M * num_v_blocks
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_v = (pid % width) // group_size
+
+    n_valid = tl.load(NVALID)
+    if pid_m * BLOCK_M < n_valid:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < n_valid
+        rows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
+        y = tl.load(Y + rows, mask=row_mask, other=-1)
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        g = tl.load(G + rows, mask=row_mask, other=0.0)
+        offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_mask = offs_v < V
+        z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+                        HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
+        tile_mask = row_mask[:, None] & v_mask[None, :]
+        p = tl.where(tile_mask, tl.exp(z - lse[:, None]), 0.0)
+        is_y = offs_v[None, :] == y[:, None]
+        dz = g[:, None] * (tl.where(is_y, 1.0, 0.0) - p)
+        if SOFTCAP:
+            dz = dz * (1.0 - (z / softcap) * (z / softcap))
+        keep = True
+        if FILTER:
+            holds_label = tl.sum(tl.where(is_y & tile_mask, 1, 0)) > 0
+            keep = holds_label | (tl.max(p) >= filter_eps)
+        if keep:
+            if COMPUTE_DB:
+                tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=v_mask)
+            if UPCAST:
+                dz_op = dz
+            else:
+                dz_op = dz.to(W.dtype.element_ty)
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, D, BLOCK_K):
+                k_mask = (k0 + offs_k) < D
+                if COMPUTE_DH:
+                    w = tl.load(W + offs_v[:, None] * stride_w + (k0 + offs_k)[None, :],
+                                mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+                    if UPCAST:
+                        w = w.to(tl.float32)
+                    dh = tl.dot(dz_op, w, input_precision=DOT_PREC)
+                    tl.atomic_add(DH + rows[:, None] * stride_dh + (k0 + offs_k)[None, :], dh,
+                                  mask=row_mask[:, None] & k_mask[None, :])
+                if COMPUTE_DW:
+                    h = tl.load(H + rows[:, None] * stride_h + (k0 + offs_k)[None, :],
+                                mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    if UPCAST:
+                        h = h.to(tl.float32)
+                    dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PREC)
+                    tl.atomic_add(DW + offs_v[:, None] * stride_dw + (k0 + offs_k)[None, :], dw,
+                                  mask=v_mask[:, None] & k_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+# GPU defaults: 128x128 logit tiles with a 64-wide K step keep three bf16 stages of both
+# operands (96 KiB) in shared memory on Hopper. Re-tuning is issue 5's work.
+_GPU = dict(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3)
+# The interpreter runs each program in numpy: fewer, larger programs are faster there.
+_INTERP = dict(block_m=32, block_v=64, block_k=32, num_warps=1, num_stages=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(opts: LogProbOptions) -> dict:
+    base = _INTERP if INTERPRETED else _GPU
+    cfg = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in base.items()}
+    for k in ("block_m", "block_v", "block_k"):
+        if cfg[k] < 16 or cfg[k] & (cfg[k] - 1):
+            raise ValueError(f"{k} must be a power of two >= 16 (tl.dot), got {cfg[k]}")
+    return cfg
+
+
+def check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        if INTERPRETED:
+            raise RuntimeError("TRITON_INTERPRET=1 was set when clo_kernels loaded its Triton kernels; "
+                               "interpreted kernels take CPU tensors, not CUDA ones")
+        return
+    if t.device.type == "cpu":
+        if not INTERPRETED:
+            raise RuntimeError(
+                "impl='triton' got CPU tensors: the Triton kernels need CUDA tensors, or the CPU interpreter "
+                "(set TRITON_INTERPRET=1 before clo_kernels first uses Triton). Use impl='torch' on the CPU.")
+        return
+    raise RuntimeError(f"impl='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got {t.device}")
+
+
+def _kernel_flags(hidden: torch.Tensor, bias, opts: LogProbOptions) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        SOFTCAP=opts.softcap is not None,
+        UPCAST=INTERPRETED and hidden.dtype != torch.float32,
+        # fp32 inputs keep fp32 products (tf32 would miss the 1e-5 test tolerance by 30x).
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+    )
+
+
+def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _config(opts)
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    num_m = triton.cdiv(N, bm)
+    num_v = triton.cdiv(V, bv)
+    if opts.num_splits is not None:
+        splits = opts.num_splits
+    elif INTERPRETED:
+        splits = 2  # keep the split-merge path exercised by the CPU tests
+    else:
+        # Enough programs for two waves even when few token blocks are labelled.
+        splits = triton.cdiv(2 * _num_sms(hidden.device.index or 0), num_m)
+    splits = max(1, min(splits, num_v))
+    v_per_split = triton.cdiv(num_v, splits) * bv
+    splits = triton.cdiv(V, v_per_split)
+
+    lse_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
+    tgt_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
+    _fwd_kernel[(num_m, splits)](
+        hidden, weight, bias, labels, rows, n_valid, lse_part, tgt_part,
+        D, V, v_per_split, hidden.stride(0), weight.stride(0), lse_part.stride(0),
+        float(opts.softcap or 0.0),
+        **_kernel_flags(hidden, bias, opts),
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+    tgt = tgt_part.sum(0) if splits > 1 else tgt_part[0]
+    return tgt - lse, lse
+
+
+def _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _config(opts)
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    num_m = triton.cdiv(N, bm)
+    filter_eps = opts.resolved_filter_eps(hidden.dtype)
+    dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device) if need_h else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device) if need_w else None
+    db = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
+    dummy = lse  # any fp32 tensor for the unused pointers
+    _bwd_kernel[(num_m * triton.cdiv(V, bv),)](
+        hidden, weight, bias, labels, rows, n_valid, lse, grad.float().contiguous(),
+        dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
+        D, V, num_m, hidden.stride(0), weight.stride(0), D, D,
+        float(opts.softcap or 0.0), float(filter_eps or 0.0),
+        **_kernel_flags(hidden, bias, opts),
+        FILTER=filter_eps is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
+        GROUP_M=opts.group_m, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return (
+        dh.to(hidden.dtype) if need_h else None,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+    )
+
+
+class _TritonLinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
+        logp, lse = _forward(hidden, weight, bias, labels, rows, n_valid, opts)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse)
+        ctx.opts = opts
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, ctx.opts,
+                               need_h, need_w, need_b)
+        return dh, dw, db, None, None, None, None
+
+
+def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProbOptions) -> torch.Tensor:
+    """(N,) fp32 log-probs of labelled tokens (garbage elsewhere: the caller masks); differentiable."""
+    check_device(hidden)
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    # Labelled tokens first, in their original order; the count stays on the device.
+    rows = torch.argsort((~valid).to(torch.uint8), stable=True)
+    n_valid = valid.sum(dtype=torch.int32).reshape(1)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _TritonLinearLogProb.apply(hidden, weight, bias, labels, rows, n_valid, opts)
+    return _forward(hidden, weight, bias, labels, rows, n_valid, opts)[0]

@@ -1,0 +1,210 @@
+"""Public entry points: the fused linear CLO loss, sequence log-probs, and the nn.Module."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import _inputs as I
+from .objective import CLOOutput, clo_objective, sequence_sums
+from .options import LogProbOptions
+
+
+def token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
+    """(N,) fp32 log-probs of batch's tokens: 0 where ignored, NaN where a label is out of range."""
+    if impl == "reference":
+        from .reference import reference_token_logps
+
+        out = reference_token_logps(batch.hidden, weight, bias, batch.labels, batch.valid, opts.softcap)
+    elif impl == "torch":
+        from .linear_logprob_torch import linear_token_logps_torch
+
+        out = linear_token_logps_torch(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
+    else:
+        try:
+            from .linear_logprob_triton import linear_token_logps_triton
+        except ImportError as e:  # macOS / Windows without Triton
+            raise ImportError("impl='triton' needs the triton package; use impl='torch' without it") from e
+        out = linear_token_logps_triton(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
+    return mask_token_logps(out, batch)
+
+
+def mask_token_logps(out: torch.Tensor, batch: I.TokenBatch) -> torch.Tensor:
+    """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range labels."""
+    out = torch.where(batch.valid, out, 0.0)
+    if batch.bad_label is not None:
+        out = torch.where(batch.bad_label, float("nan"), out)
+    return out
+
+
+def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: float | None) -> LogProbOptions:
+    if options is not None and not isinstance(options, LogProbOptions):
+        raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
+    return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap)
+
+
+def prepare_clo_batch(hidden, labels, *, vocab_size, chosen, rejected, nll_mask, ref_logps, seq_ids, num_seqs,
+                      beta, nll_weight, softcap, shift, ignore_index, num_pairs, num_nll_tokens, impl,
+                      validate) -> I.TokenBatch:
+    """Every check of a CLO loss call (hidden may be logits, D = V), then the token layout."""
+    I.check_impl(impl)
+    I.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
+    I.check_denominator("num_pairs", num_pairs)
+    I.check_denominator("num_nll_tokens", num_nll_tokens)
+    if num_seqs is None:
+        num_seqs = I.infer_num_seqs(hidden, nll_mask, ref_logps)
+    batch = I.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
+                            shift=shift, ignore_index=ignore_index, validate=validate)
+    device = hidden.device
+    I.check_pairs(chosen, rejected, num_seqs=batch.num_seqs, device=device, validate=validate)
+    I.check_seq_tensor("nll_mask", nll_mask, num_seqs=batch.num_seqs, device=device, kind="bool")
+    I.check_seq_tensor("ref_logps", ref_logps, num_seqs=batch.num_seqs, device=device, kind="float")
+    return batch
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    average: bool = False,
+    impl: str = "auto",
+    validate: bool = True,
+    options: LogProbOptions | None = None,
+) -> torch.Tensor:
+    """Sequence log-probs of a linear LM head, without materialising the logits.
+
+    Args:
+        hidden: (S, T, D), or packed (N, D) together with ``seq_ids`` (N,).
+        weight: (V, D), the lm_head weight, same dtype as hidden. bias: optional (V,).
+        labels: (S, T) or (N,) token ids; ``ignore_index`` marks tokens outside the sum.
+        shift: hidden[..., t, :] predicts labels[..., t + 1] (Hugging Face labels).
+        num_seqs: S for packed input (default: seq_ids.max() + 1, one host sync).
+        average: divide each sum by its token count (0 for a sequence without tokens).
+
+    Returns:
+        (S,) fp32 ``logp[s] = sum_t log_softmax(softcap(h_t W^T + b))[y_t]``, differentiable
+        w.r.t. hidden, weight and bias. Under ``torch.no_grad()`` nothing is kept for a backward.
+    """
+    I.check_impl(impl)
+    I.check_softcap(softcap)
+    I.check_head(hidden, weight, bias)
+    batch = I.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
+                            shift=shift, ignore_index=ignore_index, validate=validate)
+    opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+    tok = token_logps(batch, weight, bias, opts, I.resolve_impl(impl, hidden.device))
+    return sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs, average=average)[0]
+
+
+def fused_linear_clo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    nll_mask: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    beta: float = 0.1,
+    nll_weight: float = 0.5,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    average_logps: bool = False,
+    num_pairs: int | float | torch.Tensor | None = None,
+    num_nll_tokens: int | float | torch.Tensor | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+    options: LogProbOptions | None = None,
+) -> CLOOutput:
+    """The CLO loss (Lee et al., ACL 2025) straight from hidden states and the lm_head weight.
+
+    Shapes: hidden (S, T, D) with labels (S, T), or packed hidden (N, D) with labels (N,) and
+    seq_ids (N,); weight (V, D); bias (V,); chosen, rejected (P,) sequence indices;
+    nll_mask (S,) bool; ref_logps (S,). CLO orders each quad's sequences as
+    [x_en+y_en, x_en+y_tgt, x_tgt+y_tgt, x_tgt+y_en], so chosen = [4q, 4q+2],
+    rejected = [4q+1, 4q+3] and nll_mask marks 4q+2.
+
+    With logp[s] the sum (mean with average_logps) of the response tokens' log-probs and
+    ref[s] the reference model's (0 when ref_logps is None)::
+
+        margin_p = beta * ((logp[c_p] - ref[c_p]) - (logp[r_p] - ref[r_p]))
+        L_CL     = sum_p softplus(-margin_p) / (num_pairs or P)
+        L_NLL    = -sum_{t in nll_mask sequences} logp_t / (num_nll_tokens or their token count)
+        loss     = nll_weight * L_NLL + (1 - nll_weight) * L_CL
+
+    ``nll_mask=None`` means L_NLL = 0 (set nll_weight=0 for plain DPO). num_pairs and
+    num_nll_tokens are global denominators for gradient accumulation and data parallelism:
+    pass the totals over all micro-batches and ranks, and the summed losses equal one big batch's.
+
+    impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked
+    over tokens, O(chunk x V) memory), "reference" (naive full logits); "auto" = triton on
+    CUDA, torch elsewhere. validate=False skips the range checks that need a host sync; an
+    out-of-range label or index then gives a NaN loss. ``options`` tunes the kernels.
+
+    Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
+    """
+    I.check_head(hidden, weight, bias)
+    batch = prepare_clo_batch(hidden, labels, vocab_size=weight.shape[0], chosen=chosen, rejected=rejected,
+                              nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
+                              beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
+                              ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
+                              impl=impl, validate=validate)
+    opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+
+    tok = token_logps(batch, weight, bias, opts, I.resolve_impl(impl, hidden.device))
+    return clo_objective(tok, batch.seq_ids, batch.valid, batch.num_seqs, chosen=chosen, rejected=rejected,
+                         nll_mask=nll_mask, ref_logps=ref_logps, beta=beta, nll_weight=nll_weight,
+                         average_logps=average_logps, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens)
+
+
+class FusedLinearCLOLoss(nn.Module):
+    """fused_linear_clo_loss with its options held, for drop-in use in other trainers.
+
+    >>> loss_fn = FusedLinearCLOLoss(beta=0.1, nll_weight=0.5, shift=True)
+    >>> out = loss_fn(hidden, model.lm_head.weight, labels, chosen=c, rejected=r, nll_mask=m)
+    """
+
+    def __init__(self, *, beta: float = 0.1, nll_weight: float = 0.5, softcap: float | None = None,
+                 shift: bool = False, ignore_index: int = -100, average_logps: bool = False,
+                 impl: str = "auto", validate: bool = True, options: LogProbOptions | None = None):
+        super().__init__()
+        I.check_impl(impl)
+        I.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
+        self.beta, self.nll_weight, self.softcap = beta, nll_weight, softcap
+        self.shift, self.ignore_index, self.average_logps = shift, ignore_index, average_logps
+        self.impl, self.validate, self.options = impl, validate, options
+
+    def forward(self, hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps=None,
+                seq_ids=None, num_seqs=None, bias=None, num_pairs=None, num_nll_tokens=None) -> CLOOutput:
+        return fused_linear_clo_loss(
+            hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
+            seq_ids=seq_ids, num_seqs=num_seqs, beta=self.beta, nll_weight=self.nll_weight, bias=bias,
+            softcap=self.softcap, shift=self.shift, ignore_index=self.ignore_index,
+            average_logps=self.average_logps, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
+            impl=self.impl, validate=self.validate, options=self.options)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, nll_weight={self.nll_weight}, softcap={self.softcap}, shift={self.shift}, "
+                f"average_logps={self.average_logps}, impl={self.impl!r}")
+
+
+def quad_pairs(num_quads: int, device=None):
+    """chosen, rejected (2Q,) and nll_mask (4Q,) for the CLO quad order, sequences 4q..4q+3."""
+    q = torch.arange(num_quads, device=device) * 4
+    chosen = torch.stack([q, q + 2], 1).reshape(-1)
+    rejected = torch.stack([q + 1, q + 3], 1).reshape(-1)
+    nll_mask = torch.zeros(4 * num_quads, dtype=torch.bool, device=device)
+    nll_mask[2::4] = True
+    return chosen, rejected, nll_mask

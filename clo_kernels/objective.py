@@ -1,0 +1,96 @@
+"""The CLO objective on per-token log-probs: sequence sums, the pair (DPO) term, the NLL term.
+
+Shared by every ``impl=``: the heavy part (per-token log-probs over the vocabulary) differs,
+this part works on (N,) and (S,) tensors and costs a handful of tiny launches. Autograd
+turns it into one scale per token, g_t = dL/dlogp[seq(t)], which the fused backward uses:
+
+    NLL:   g = -nll_weight / N_nll                        for s in nll_mask
+    pairs: g = -/+ (1 - nll_weight) * beta * sigmoid(-margin_p) / P   chosen / rejected
+    (divided by the token count of s when average_logps)
+
+No host synchronisation: denominators stay tensors, empty sets give 0 / max(count, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class CLOOutput:
+    """loss: scalar, differentiable. logps: (S,) policy sequence log-probs, detached.
+    metrics: detached scalar tensors (no host sync until you read them)."""
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def sequence_sums(token_logps, seq_ids, valid, num_seqs, *, average: bool):
+    """(S,) sums (or means) of token log-probs per sequence, and (S,) token counts."""
+    sums = token_logps.new_zeros(num_seqs).index_add(0, seq_ids, token_logps)
+    counts = token_logps.new_zeros(num_seqs).index_add(0, seq_ids, valid.to(token_logps.dtype))
+    return (sums / counts.clamp_min(1.0) if average else sums), sums, counts
+
+
+def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx], NaN where idx is out of range (validate=False must not read out of bounds)."""
+    ok = (idx >= 0) & (idx < x.shape[0])
+    return torch.where(ok, x[idx.clamp(0, max(x.shape[0] - 1, 0))], float("nan"))
+
+
+def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def clo_objective(
+    token_logps: torch.Tensor,
+    seq_ids: torch.Tensor,
+    valid: torch.Tensor,
+    num_seqs: int,
+    *,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    nll_mask: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    beta: float,
+    nll_weight: float,
+    average_logps: bool,
+    num_pairs=None,
+    num_nll_tokens=None,
+) -> CLOOutput:
+    logps, sums, counts = sequence_sums(token_logps, seq_ids, valid, num_seqs, average=average_logps)
+    policy = logps if ref_logps is None else logps - ref_logps.to(logps.dtype)
+
+    chosen_rewards = beta * _pick(policy, chosen)
+    rejected_rewards = beta * _pick(policy, rejected)
+    margins = chosen_rewards - rejected_rewards
+    p_den = _as_denominator(num_pairs if num_pairs is not None else max(chosen.numel(), 1), logps)
+    loss_cl = F.softplus(-margins).sum() / p_den
+
+    if nll_mask is not None:
+        # where, not multiply: a NaN in a sequence outside the NLL term stays out of it.
+        nll_sum = -torch.where(nll_mask, sums, 0.0).sum()
+        n_tok = (torch.where(nll_mask, counts, 0.0).sum().clamp_min(1.0) if num_nll_tokens is None
+                 else _as_denominator(num_nll_tokens, logps))
+        loss_nll = nll_sum / n_tok
+    else:
+        loss_nll = logps.new_zeros(())
+
+    loss = nll_weight * loss_nll + (1.0 - nll_weight) * loss_cl
+
+    with torch.no_grad():
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": _pick(logps, chosen).mean(),
+            "logps/rejected": _pick(logps, rejected).mean(),
+            "nll": loss_nll.detach() if nll_mask is not None else logps.new_full((), float("nan")),
+        }
+        metrics = {k: v.detach() for k, v in metrics.items()}
+    return CLOOutput(loss=loss, logps=logps.detach(), metrics=metrics)

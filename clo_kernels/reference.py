@@ -1,0 +1,27 @@
+"""Naive per-token log-probs: the full [tokens x vocab] logits in fp32, log_softmax, gather.
+
+What TRL- and torchtune-style code computes, and the baseline of the tests and
+benchmarks. Memory: several fp32 [N, V] tensors (logits, log_softmax, their gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_logits_token_logps(logits, labels, valid, softcap) -> torch.Tensor:
+    """(N,) log-probs from (N, V) pre-softcap logits; 0 where valid is False."""
+    z = logits.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    V = z.shape[-1]
+    logp = torch.log_softmax(z, dim=-1).gather(1, labels.clamp(0, V - 1)[:, None]).squeeze(1)
+    return torch.where(valid, logp, 0.0)
+
+
+def reference_token_logps(hidden, weight, bias, labels, valid, softcap) -> torch.Tensor:
+    """(N,) log-probs of hidden (N, D) through the head weight (V, D) and bias (V,)."""
+    z = (hidden @ weight.T).float()
+    if bias is not None:
+        z = z + bias.float()
+    return reference_logits_token_logps(z, labels, valid, softcap)
