@@ -25,7 +25,9 @@ class TokenBatch:
     seq_ids: torch.Tensor  # (N,) int64 in [0, num_seqs)
     num_seqs: int
     valid: torch.Tensor  # (N,) bool: labels != ignore_index
-    bad_label: torch.Tensor | None  # (N,) bool: label outside [0, V) and not ignore_index
+    # validate=False only: (N,) bool, label outside [0, V) (not ignore_index) or seq_id outside [0, S).
+    # Such tokens get a NaN log-prob and poison the loss; their seq_ids are clamped in range.
+    bad_token: torch.Tensor | None
 
 
 def _require(cond: bool, exc: type[Exception], msg: str) -> None:
@@ -138,11 +140,15 @@ def prepare_batch(
         if seq_ids is not None and seq.numel():
             lo, hi = int(seq.min()), int(seq.max())
             _require(lo >= 0 and hi < S, ValueError, f"seq_ids must lie in [0, {S}), got range [{lo}, {hi}]")
-        bad_label = None
+        bad_token = None
     else:
-        # Without the host-side check an out-of-range label must poison the loss, not vanish.
-        bad_label = valid & ((labels < 0) | (labels >= V))
-    return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_label=bad_label)
+        # Without the host-side check an out-of-range label or index must poison the loss,
+        # never vanish or index out of bounds.
+        bad_token = valid & ((labels < 0) | (labels >= V))
+        if seq_ids is not None:
+            bad_token = bad_token | (seq < 0) | (seq >= S)
+            seq = seq.clamp(0, max(S - 1, 0))
+    return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_token=bad_token)
 
 
 def check_pairs(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _inputs as I
-from .linear_logprob_torch import _CHUNK_ELEMS
+from .linear_logprob_torch import _CHUNK_ELEMS, logsumexp
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
 
@@ -33,7 +33,7 @@ def _forward_torch(logits, labels, softcap):
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     for s in range(0, N, _chunk(V)):
         z, _ = _capped(logits[s : s + _chunk(V)], softcap)
-        lse[s : s + z.shape[0]] = torch.logsumexp(z, -1)
+        lse[s : s + z.shape[0]] = logsumexp(z)
         tgt = z.gather(1, labels[s : s + z.shape[0]].clamp(0, V - 1)[:, None]).squeeze(1)
         logp[s : s + z.shape[0]] = tgt - lse[s : s + z.shape[0]]
     return logp, lse
@@ -122,6 +122,6 @@ def clo_loss_from_logits(
     if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
         raise ValueError("inplace_backward needs logits whose rows are contiguous")
     tok = logits_token_logps(batch, softcap, I.resolve_impl(impl, logits.device), inplace_backward)
-    return clo_objective(tok, batch.seq_ids, batch.valid, batch.num_seqs, chosen=chosen, rejected=rejected,
-                         nll_mask=nll_mask, ref_logps=ref_logps, beta=beta, nll_weight=nll_weight,
-                         average_logps=average_logps, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens)
+    return clo_objective(tok, batch, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
+                         beta=beta, nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
+                         num_nll_tokens=num_nll_tokens)

@@ -27,6 +27,15 @@ def _chunk_rows(opts: LogProbOptions, V: int) -> int:
     return max(1, _CHUNK_ELEMS // V)
 
 
+def logsumexp(z: torch.Tensor) -> torch.Tensor:
+    """Row logsumexp that turns an infinite logit into NaN, as the kernels do.
+
+    torch.logsumexp returns +inf for a row holding +inf, which would make an inf input give
+    an infinite, not a NaN, loss."""
+    m = z.amax(dim=-1, keepdim=True)
+    return (m + (z - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
+
+
 def linear_logits(h, weight, bias, softcap):
     """fp32 logits of a chunk, and tanh(u / softcap) when capped (for the backward)."""
     z = (h @ weight.T).float()
@@ -46,7 +55,7 @@ def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
     for s in range(0, rows.numel(), chunk):
         r = rows[s : s + chunk]
         z, _ = linear_logits(hidden[r], weight, bias, opts.softcap)
-        lse_c = torch.logsumexp(z, dim=-1)
+        lse_c = logsumexp(z)
         # Out-of-range labels are clamped here and turned into NaN by the caller.
         tgt = z.gather(1, labels[r].clamp(0, V - 1)[:, None]).squeeze(1)
         out[r] = tgt - lse_c

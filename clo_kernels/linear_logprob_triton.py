@@ -180,7 +180,7 @@ _GPU = dict(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3)
 _INTERP = dict(block_m=32, block_v=64, block_k=32, num_warps=1, num_stages=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -32,10 +32,10 @@ def token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: s
 
 
 def mask_token_logps(out: torch.Tensor, batch: I.TokenBatch) -> torch.Tensor:
-    """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range labels."""
+    """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range tokens."""
     out = torch.where(batch.valid, out, 0.0)
-    if batch.bad_label is not None:
-        out = torch.where(batch.bad_label, float("nan"), out)
+    if batch.bad_token is not None:
+        out = torch.where(batch.bad_token, float("nan"), out)
     return out
 
 
@@ -164,9 +164,9 @@ def fused_linear_clo_loss(
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
 
     tok = token_logps(batch, weight, bias, opts, I.resolve_impl(impl, hidden.device))
-    return clo_objective(tok, batch.seq_ids, batch.valid, batch.num_seqs, chosen=chosen, rejected=rejected,
-                         nll_mask=nll_mask, ref_logps=ref_logps, beta=beta, nll_weight=nll_weight,
-                         average_logps=average_logps, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens)
+    return clo_objective(tok, batch, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
+                         beta=beta, nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
+                         num_nll_tokens=num_nll_tokens)
 
 
 class FusedLinearCLOLoss(nn.Module):

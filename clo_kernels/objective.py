@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ._inputs import TokenBatch
+
 
 @dataclass
 class CLOOutput:
@@ -48,9 +50,7 @@ def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
 
 def clo_objective(
     token_logps: torch.Tensor,
-    seq_ids: torch.Tensor,
-    valid: torch.Tensor,
-    num_seqs: int,
+    batch: TokenBatch,
     *,
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -62,7 +62,9 @@ def clo_objective(
     num_pairs=None,
     num_nll_tokens=None,
 ) -> CLOOutput:
-    logps, sums, counts = sequence_sums(token_logps, seq_ids, valid, num_seqs, average=average_logps)
+    """The loss of fused_linear_clo_loss from (N,) token log-probs laid out as ``batch``."""
+    logps, sums, counts = sequence_sums(token_logps, batch.seq_ids, batch.valid, batch.num_seqs,
+                                        average=average_logps)
     policy = logps if ref_logps is None else logps - ref_logps.to(logps.dtype)
 
     chosen_rewards = beta * _pick(policy, chosen)
@@ -81,6 +83,8 @@ def clo_objective(
         loss_nll = logps.new_zeros(())
 
     loss = nll_weight * loss_nll + (1.0 - nll_weight) * loss_cl
+    if batch.bad_token is not None:  # validate=False: an out-of-range token poisons the whole loss
+        loss = torch.where(batch.bad_token.any(), float("nan"), loss)
 
     with torch.no_grad():
         metrics = {

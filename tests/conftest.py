@@ -1,0 +1,41 @@
+"""Test set-up: Triton kernels run on CUDA when there is a GPU, else in the CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton decorates the kernels, so before clo_kernels
+first imports them; doing it here (and only without CUDA) keeps one test suite for both.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_TRITON = _have_triton()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def impls():
+    """impl values to test here: triton only where Triton is installed."""
+    return ["reference", "torch"] + (["triton"] if HAVE_TRITON else [])

@@ -1,0 +1,72 @@
+"""An independent float64 oracle of the CLO loss, written from the formula, one sequence at a time.
+
+It shares no code with clo_kernels: sequences are cut out of the batch by a plain loop,
+shifted one at a time, and the loss is summed pair by pair in Python.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sequences(hidden, labels, seq_ids):
+    """[(h_s (T_s, D), y_s (T_s,))] in sequence order; packed tokens of one sequence are contiguous."""
+    if hidden.dim() == 3:
+        return [(hidden[s], labels[s]) for s in range(hidden.shape[0])]
+    out = []
+    for s in range(int(seq_ids.max()) + 1):
+        idx = (seq_ids == s).nonzero().squeeze(1)
+        out.append((hidden[idx], labels[idx]))
+    return out
+
+
+def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps=None, seq_ids=None,
+           beta=0.1, nll_weight=0.5, bias=None, softcap=None, shift=False, ignore_index=-100,
+           average_logps=False, num_pairs=None, num_nll_tokens=None):
+    """Returns (loss, logps (S,), metrics dict of floats); differentiable in float64."""
+    W = weight.double()
+    b = bias.double() if bias is not None else None
+    logps, sums, counts = [], [], []
+    for h, y in sequences(hidden.double(), labels, seq_ids):
+        if shift:
+            h, y = h[:-1], y[1:]
+        keep = y != ignore_index
+        z = h[keep] @ W.T
+        if b is not None:
+            z = z + b
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        lp = torch.log_softmax(z, -1).gather(1, y[keep][:, None]).sum()
+        n = int(keep.sum())
+        sums.append(lp)
+        counts.append(n)
+        logps.append(lp / n if (average_logps and n > 0) else lp)
+    logps = torch.stack(logps)
+    ref = torch.zeros_like(logps) if ref_logps is None else ref_logps.double()
+    P = len(chosen)
+    cl, cr, rr = 0.0, [], []
+    for c, r in zip(chosen.tolist(), rejected.tolist(), strict=False):
+        rc = beta * (logps[c] - ref[c])
+        rj = beta * (logps[r] - ref[r])
+        cl = cl + torch.nn.functional.softplus(-(rc - rj))
+        cr.append(rc)
+        rr.append(rj)
+    cl = cl / (num_pairs if num_pairs is not None else max(P, 1))
+    if nll_mask is not None:
+        idx = nll_mask.nonzero().squeeze(1).tolist()
+        ntok = num_nll_tokens if num_nll_tokens is not None else max(sum(counts[i] for i in idx), 1)
+        nll = -sum((sums[i] for i in idx), torch.zeros((), dtype=torch.float64)) / ntok
+    else:
+        nll = torch.zeros((), dtype=torch.float64)
+    loss = nll_weight * nll + (1 - nll_weight) * cl
+    cr, rr = torch.stack(cr).detach(), torch.stack(rr).detach()
+    metrics = {
+        "rewards/chosen": cr.mean().item(),
+        "rewards/rejected": rr.mean().item(),
+        "rewards/accuracies": (cr > rr).double().mean().item(),
+        "rewards/margins": (cr - rr).mean().item(),
+        "logps/chosen": logps.detach()[chosen].mean().item(),
+        "logps/rejected": logps.detach()[rejected].mean().item(),
+        "nll": nll.item() if nll_mask is not None else float("nan"),
+    }
+    return loss, logps.detach(), metrics
