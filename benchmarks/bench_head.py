@@ -153,17 +153,16 @@ def main():
     O = ck.LogProbOptions
     # (name, impl, options, weight gets a gradient)
     variants = [("reference", "reference", None, True), ("triton", "triton", None, True),
-                ("triton exact", "triton", O(filter_eps=None), True)]
+                ("triton atomic", "triton", O(backward="atomic"), True)]
     if not args.no_sweep:
         variants += [
             ("triton dhidden only", "triton", None, False),  # splits the backward's cost
-            ("triton filter 2^-7", "triton", O(filter_eps=2.0**-7), True),
-            ("triton group_m 1", "triton", O(group_m=1), True),
+            ("triton stage 128 MiB", "triton", O(stage_bytes=128 * 2**20), True),
+            ("triton stage 2 GiB", "triton", O(stage_bytes=2 * 2**30), True),
+            ("triton tile 128x128", "triton", O(block_v=128), True),
+            ("triton tile 64x256 w4", "triton", O(block_m=64, num_warps=4), True),
             ("triton group_m 32", "triton", O(group_m=32), True),
         ]
-        for bm, bv, bk, w, st in [(64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]:
-            variants.append((f"triton bm{bm} bv{bv} bk{bk} w{w} s{st}", "triton",
-                             O(block_m=bm, block_v=bv, block_k=bk, num_warps=w, num_stages=st), True))
     for name, impl, opts, wgrad in variants:
         row = {"method": name, "impl": impl}
         try:

@@ -46,12 +46,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """hidden (..., D) and weight (V, D): same floating dtype, same D, same device."""
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, impl: str = "auto") -> None:
+    """hidden (..., D) and weight (V, D): same floating dtype, same D, same device.
+
+    float64 is accepted by impl="reference" only, for checking the others against it."""
     _require(isinstance(hidden, torch.Tensor), TypeError, "hidden must be a torch.Tensor")
     _require(isinstance(weight, torch.Tensor), TypeError, "weight must be a torch.Tensor")
-    _require(hidden.dtype in _FLOAT_DTYPES, TypeError,
-             f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    ok = _FLOAT_DTYPES + ((torch.float64,) if impl == "reference" else ())
+    _require(hidden.dtype in ok, TypeError,
+             f"hidden must be float32, bfloat16 or float16 (float64 with impl='reference'), got {hidden.dtype}")
     _require(weight.dim() == 2, ValueError, f"weight must be (V, D), got shape {tuple(weight.shape)}")
     _require(weight.dtype == hidden.dtype, TypeError,
              f"hidden and weight must share one dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
@@ -63,7 +66,7 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         _require(isinstance(bias, torch.Tensor), TypeError, "bias must be a torch.Tensor or None")
         _require(tuple(bias.shape) == (weight.shape[0],), ValueError,
                  f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        _require(bias.dtype in _FLOAT_DTYPES, TypeError, f"bias must be floating, got {bias.dtype}")
+        _require(bias.is_floating_point(), TypeError, f"bias must be floating, got {bias.dtype}")
         _require(bias.device == weight.device, ValueError, "bias must be on weight's device")
 
 

@@ -86,10 +86,10 @@ def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
         v_start = pid_s * v_per_split
-        v_end = tl.minimum(v_start + v_per_split, V)
-        for v0 in range(v_start, v_end, BLOCK_V):
+        # Loop bounds stay host integers: the Triton 3.6 interpreter cannot iterate up to a tensor.
+        for v0 in range(v_start, v_start + v_per_split, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-            v_mask = offs_v < v_end
+            v_mask = offs_v < V
             z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
                             HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
             z = tl.where(v_mask[None, :], z, float("-inf"))
@@ -103,43 +103,81 @@ def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
 
 
 @triton.jit
-def _bwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
-                D, V, num_m_blocks, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr, FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr,
-                COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, GROUP_M: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Grouped order: GROUP_M token blocks sweep the vocabulary together, so each weight tile
-    # is read from HBM once per group and served from L2 to the rest.
-    pid = tl.program_id(0)
+def _grouped_tile(pid, num_m_blocks, V, GROUP_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(token block, vocabulary block) of program pid in grouped order: GROUP_M token blocks
+    sweep the vocabulary together, so each weight tile is read from HBM once per group and
+    served from L2 to the rest."""
     num_v_blocks = tl.cdiv(V, BLOCK_V)
     width = GROUP_M * num_v_blocks
     first_m = (pid // width) * GROUP_M
     group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_v = (pid % width) // group_size
+    return first_m + (pid % width) % group_size, (pid % width) // group_size
 
+
+@triton.jit
+def _dz_tile(H, W, B, Y, LSE, G, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
+             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/du for a tile (u: pre-softcap logits), its softmax, and whether it holds a label."""
+    y = tl.load(Y + rows, mask=row_mask, other=-1)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+                    HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
+    tile_mask = row_mask[:, None] & v_mask[None, :]
+    p = tl.where(tile_mask, tl.exp(z - lse[:, None]), 0.0)
+    is_y = (offs_v[None, :] == y[:, None]) & tile_mask
+    dz = g[:, None] * (tl.where(is_y, 1.0, 0.0) - p)
+    if SOFTCAP:
+        dz = dz * (1.0 - (z / softcap) * (z / softcap))
+    return dz, p, tl.sum(tl.where(is_y, 1, 0)) > 0
+
+
+@triton.jit
+def _dz_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DZ,
+               row_start, n_rows, D, V, stride_h, stride_w, stride_dz, softcap,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PREC: tl.constexpr, GROUP_M: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Staged backward, step 1: dz for tokens [row_start, row_start + n_rows) of the labelled
+    order into the chunk buffer DZ (n_rows, V); rows past n_valid get zeros."""
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), V, GROUP_M, BLOCK_V)
+    offs_c = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < V
+    out_ptrs = DZ + offs_c.to(tl.int64)[:, None] * stride_dz + offs_v[None, :]
+    out_mask = (offs_c < n_rows)[:, None] & v_mask[None, :]
+    n_valid = tl.load(NVALID)
+    if row_start + pid_m * BLOCK_M < n_valid:
+        row_mask = (offs_c < n_rows) & (row_start + offs_c < n_valid)
+        rows = tl.load(ROWS + row_start + offs_c, mask=row_mask, other=0).to(tl.int64)
+        dz, p, holds_label = _dz_tile(H, W, B, Y, LSE, G, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w,
+                                      softcap, HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
+        tl.store(out_ptrs, dz.to(DZ.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_V), dtype=DZ.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_atomic_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
+                       D, V, num_m_blocks, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
+                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                       DOT_PREC: tl.constexpr, FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr,
+                       COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, GROUP_M: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Atomic backward: each tile adds dz @ W[tile] into dh and dz^T @ h[block] into dW."""
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), num_m_blocks, V, GROUP_M, BLOCK_V)
     n_valid = tl.load(NVALID)
     if pid_m * BLOCK_M < n_valid:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = offs_m < n_valid
         rows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
-        y = tl.load(Y + rows, mask=row_mask, other=-1)
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-        g = tl.load(G + rows, mask=row_mask, other=0.0)
         offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
-        z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
-                        HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
-        tile_mask = row_mask[:, None] & v_mask[None, :]
-        p = tl.where(tile_mask, tl.exp(z - lse[:, None]), 0.0)
-        is_y = offs_v[None, :] == y[:, None]
-        dz = g[:, None] * (tl.where(is_y, 1.0, 0.0) - p)
-        if SOFTCAP:
-            dz = dz * (1.0 - (z / softcap) * (z / softcap))
+        dz, p, holds_label = _dz_tile(H, W, B, Y, LSE, G, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w,
+                                      softcap, HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
         keep = True
         if FILTER:
-            holds_label = tl.sum(tl.where(is_y & tile_mask, 1, 0)) > 0
             keep = holds_label | (tl.max(p) >= filter_eps)
         if keep:
             if COMPUTE_DB:
@@ -173,12 +211,17 @@ def _bwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
 
 INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
 
-# GPU defaults: 128x128 logit tiles with a 64-wide K step and three pipeline stages. For
-# fp32 operands the same config's backward needs 208 KiB of shared memory (sm_90 compile,
-# Triton 3.9), at the edge of Hopper's 227 KiB: half the K step and two stages there.
-# Re-tuning on a GPU is issue 5's work.
-_GPU = dict(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3)
-_GPU_FP32 = dict(_GPU, block_k=32, num_stages=2)
+# GPU launch defaults, measured on an H200 (Triton 3.6, bf16, N 16384, D 4096, V 128256;
+# benchmarks/results/): the forward ran in 52.8 ms with 128x128 tiles and 40.0 ms with 128x256,
+# so the forward and the staged backward's dz kernel (the same tile loop plus a store) use
+# 128x256. The atomic backward at 128x256 needs 272 KiB of shared memory (over the 227 KiB
+# limit) and stays at 128x128. fp32 operands: the atomic backward at 128x128x64 needs 208 KiB
+# (sm_90 compile), so fp32 takes a 32-wide K step and two stages everywhere.
+_GPU = {
+    "tile": dict(block_m=128, block_v=256, block_k=64, num_warps=8, num_stages=3),
+    "atomic": dict(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3),
+}
+_GPU_FP32 = dict(block_m=128, block_v=128, block_k=32, num_warps=8, num_stages=2)
 # The interpreter runs each program in numpy: fewer, larger programs are faster there.
 _INTERP = dict(block_m=32, block_v=64, block_k=32, num_warps=1, num_stages=1)
 
@@ -188,8 +231,9 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(opts: LogProbOptions, dtype: torch.dtype) -> dict:
-    base = _INTERP if INTERPRETED else (_GPU_FP32 if dtype == torch.float32 else _GPU)
+def _config(opts: LogProbOptions, dtype: torch.dtype, kernel: str = "tile") -> dict:
+    """Launch configuration of one kernel family ("tile": forward and dz; "atomic")."""
+    base = _INTERP if INTERPRETED else (_GPU_FP32 if dtype == torch.float32 else _GPU[kernel])
     cfg = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in base.items()}
     for k in ("block_m", "block_v", "block_k"):
         if cfg[k] < 16 or cfg[k] & (cfg[k] - 1):
@@ -255,10 +299,59 @@ def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
     return tgt - lse, lse
 
 
-def _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with a 16-bit product accumulated into the fp32 acc (no rounding to bf16
+    of each chunk's partial dW)."""
+    if a.dtype != torch.float32 and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # PyTorch without addmm(out_dtype=) for this dtype
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+    """dz for a chunk of labelled tokens into a [chunk, V] buffer of at most opts.stage_bytes,
+    then dh[chunk] = dz @ W and dW += dz^T @ h[chunk] as cuBLAS products (fp32 dW)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = _config(opts, hidden.dtype)
+    cfg = _config(opts, hidden.dtype, "tile")
+    bm, bv = cfg["block_m"], cfg["block_v"]
+    chunk = max(bm, opts.stage_bytes // (V * hidden.element_size()) // bm * bm)
+    chunk = min(chunk, triton.cdiv(N, bm) * bm)
+    # The interpreter's fp32 -> bf16 store truncates (495 of 1024 random values differ from
+    # round-to-nearest-even, Triton 3.9); it stages fp32 and lets torch round, as a GPU store does.
+    dz = torch.empty((chunk, V), dtype=torch.float32 if INTERPRETED else hidden.dtype, device=hidden.device)
+    g = grad.float().contiguous()
+    dh = torch.zeros_like(hidden) if need_h else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device) if need_w else None
+    db = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
+    # Chunks past the labelled count hold only zeros; finding that count would need a host sync.
+    for start in range(0, N, chunk):
+        n = min(chunk, N - start)
+        _dz_kernel[(triton.cdiv(n, bm) * triton.cdiv(V, bv),)](
+            hidden, weight, bias, labels, rows, n_valid, lse, g, dz,
+            start, n, D, V, hidden.stride(0), weight.stride(0), dz.stride(0), float(opts.softcap or 0.0),
+            **_kernel_flags(hidden, bias, opts), GROUP_M=opts.group_m,
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        d, r = dz[:n].to(hidden.dtype), rows[start : start + n]
+        if need_h:
+            dh.index_copy_(0, r, d @ weight)
+        if need_w:
+            _addmm_fp32(dw, d.T, hidden.index_select(0, r))
+        if need_b:
+            db += d.sum(0, dtype=torch.float32)
+    return dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None
+
+
+def _backward_atomic(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+    """One launch over all tiles, fp32 atomics into dh and dW, negligible tiles skipped."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    cfg = _config(opts, hidden.dtype, "atomic")
     bm, bv = cfg["block_m"], cfg["block_v"]
     num_m = triton.cdiv(N, bm)
     filter_eps = opts.resolved_filter_eps(hidden.dtype)
@@ -266,7 +359,7 @@ def _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need
     dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device) if need_w else None
     db = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
     dummy = lse  # any fp32 tensor for the unused pointers
-    _bwd_kernel[(num_m * triton.cdiv(V, bv),)](
+    _bwd_atomic_kernel[(num_m * triton.cdiv(V, bv),)](
         hidden, weight, bias, labels, rows, n_valid, lse, grad.float().contiguous(),
         dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
         D, V, num_m, hidden.stride(0), weight.stride(0), D, D,
@@ -283,6 +376,9 @@ def _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need
     )
 
 
+_BACKWARDS = {"staged": _backward_staged, "atomic": _backward_atomic}
+
+
 class _TritonLinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
@@ -295,14 +391,16 @@ class _TritonLinearLogProb(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = _backward(grad, hidden, weight, bias, labels, rows, n_valid, lse, ctx.opts,
-                               need_h, need_w, need_b)
+        dh, dw, db = _BACKWARDS[ctx.opts.backward](grad, hidden, weight, bias, labels, rows, n_valid, lse,
+                                                   ctx.opts, need_h, need_w, need_b)
         return dh, dw, db, None, None, None, None
 
 
 def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProbOptions) -> torch.Tensor:
     """(N,) fp32 log-probs of labelled tokens (garbage elsewhere: the caller masks); differentiable."""
     check_device(hidden)
+    if opts.backward not in _BACKWARDS:
+        raise ValueError(f"options.backward must be one of {tuple(_BACKWARDS)}, got {opts.backward!r}")
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     # Labelled tokens first, in their original order; the count stays on the device.
     rows = torch.argsort((~valid).to(torch.uint8), stable=True)

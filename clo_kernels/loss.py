@@ -96,7 +96,7 @@ def sequence_logps(
     """
     I.check_impl(impl)
     I.check_softcap(softcap)
-    I.check_head(hidden, weight, bias)
+    I.check_head(hidden, weight, bias, impl=impl)
     batch = I.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                             shift=shift, ignore_index=ignore_index, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
@@ -155,7 +155,7 @@ def fused_linear_clo_loss(
 
     Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
     """
-    I.check_head(hidden, weight, bias)
+    I.check_head(hidden, weight, bias, impl=impl)
     batch = prepare_clo_batch(hidden, labels, vocab_size=weight.shape[0], chosen=chosen, rejected=rejected,
                               nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
                               beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,

@@ -39,3 +39,27 @@ def device():
 def impls():
     """impl values to test here: triton only where Triton is installed."""
     return ["reference", "torch"] + (["triton"] if HAVE_TRITON else [])
+
+
+def _variants():
+    from clo_kernels import LogProbOptions as O
+
+    v = {"reference": ("reference", None), "torch": ("torch", None),
+         "torch-chunk7": ("torch", O(chunk_size=7))}  # many chunks, a ragged last one
+    if HAVE_TRITON:
+        v.update({
+            "triton": ("triton", None),
+            "triton-stage1": ("triton", O(stage_bytes=1)),  # one token block per staged chunk
+            "triton-atomic": ("triton", O(backward="atomic")),
+            "triton-atomic-exact": ("triton", O(backward="atomic", filter_eps=None)),
+        })
+    return v
+
+
+VARIANTS = _variants()
+
+
+def impl_kwargs(name: str) -> dict:
+    """fused_linear_clo_loss keyword arguments of a test variant (impl plus options)."""
+    impl, options = VARIANTS[name]
+    return {"impl": impl} if options is None else {"impl": impl, "options": options}

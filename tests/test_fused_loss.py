@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import impls
+from conftest import VARIANTS, impl_kwargs, impls
 from helpers import grads, make_case, rel_err
 from oracle import oracle
 
@@ -31,10 +31,11 @@ CASES = {
 }
 
 
-def _call(batch, loss_kw, impl, fn=ck.fused_linear_clo_loss):
+def _call(batch, loss_kw, variant):
     kw = {k: v for k, v in batch.items() if k not in ("hidden", "weight", "labels")}
     kw.update(loss_kw)
-    return fn(batch["hidden"], batch["weight"], batch["labels"], impl=impl, **kw)
+    kw.update(impl_kwargs(variant))
+    return ck.fused_linear_clo_loss(batch["hidden"], batch["weight"], batch["labels"], **kw)
 
 
 def _oracle(batch, loss_kw):
@@ -53,7 +54,7 @@ def _check_metrics(got, want, rtol):
             assert g == pytest.approx(w, rel=rtol, abs=1e-6), k
 
 
-@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("impl", list(VARIANTS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_oracle(case, impl, device):
     make_kw, loss_kw = CASES[case]
@@ -73,7 +74,7 @@ def test_fp32_matches_oracle(case, impl, device):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("impl", impls())
+@pytest.mark.parametrize("impl", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["shift", "packed_shift_bias"])
 def test_half_precision_no_worse_than_pytorch(case, dtype, impl, device):

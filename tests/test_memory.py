@@ -2,7 +2,7 @@
 
 Each case runs forward + backward in a fresh process and reads the growth of its peak
 resident memory. The sizes make one fp32 [N, V] tensor far larger than everything the
-fused paths need (inputs, gradients, O(chunk x V) blocks), and the naive reference runs
+fused paths need (inputs, gradients, O(chunk x V) blocks and staging buffers), and the naive reference runs
 as the control that shows the measurement catches such a tensor.
 """
 
@@ -20,7 +20,10 @@ SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import clo_kernels as ck
     impl, N, V, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    opts = ck.LogProbOptions(block_m=128, block_v=1024, block_k=16) if impl == "triton" else None
+    # Triton: large tiles (the interpreter is slow per program) and the staged backward's
+    # buffer capped at 16 MiB, a 256-token [chunk, V] block (an eighth of one fp32 [N, V]).
+    opts = (ck.LogProbOptions(block_m=128, block_v=1024, block_k=16, stage_bytes=16 * 2**20)
+            if impl == "triton" else None)
     torch.manual_seed(0)
     S = 8
     h = torch.randn(N, D, requires_grad=True)
@@ -48,19 +51,29 @@ def _peak_growth(impl: str, N: int, V: int, D: int) -> int:
     return int(res.stdout.strip().splitlines()[-1])
 
 
-CASES = [("torch", 8192, 32768, 32)] + ([("triton", 1024, 65536, 16)] if HAVE_TRITON else [])
+CASES = [("torch", 8192, 32768, 32)] + ([("triton", 4096, 32768, 16)] if HAVE_TRITON else [])
+
+
+@pytest.fixture(scope="module")
+def control_growth():
+    """The naive path at the torch case's size: it builds several fp32 [N, V] tensors, so its
+    peak must grow by more than one of them. Where peak RSS cannot be observed (seen in one
+    GPU machine's sandbox, where it grew by 0) the memory tests are skipped, not passed."""
+    impl, N, V, D = CASES[0]
+    growth = _peak_growth("reference", N, V, D)
+    if growth == 0:
+        pytest.skip("peak RSS growth is not observable on this machine")
+    return growth, N * V * 4
+
+
+def test_control_reference_is_caught(control_growth):
+    growth, one_nv = control_growth
+    assert growth > one_nv, f"reference grew only {growth / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("impl,N,V,D", CASES)
-def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, N, V, D):
-    nv_bytes = N * V * 4  # one fp32 [N, V] tensor: 1 GiB (torch case) or 256 MiB (triton case)
+def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, N, V, D, control_growth):
+    nv_bytes = N * V * 4  # one fp32 [N, V] tensor: 1 GiB (torch case), 512 MiB (triton case)
     grads_bytes = (N + V) * D * 4 * 3  # gradients, fp32 accumulators, inputs' copies: a few MiB
     growth = _peak_growth(impl, N, V, D)
     assert growth < nv_bytes // 4 + grads_bytes, f"{impl}: peak grew {growth / 2**20:.0f} MiB"
-
-
-def test_control_reference_is_caught():
-    """The naive path at the torch case's size must trip the same bound (the test can fail)."""
-    impl, N, V, D = CASES[0]
-    growth = _peak_growth("reference", N, V, D)
-    assert growth > N * V * 4, f"reference grew only {growth / 2**20:.0f} MiB"
