@@ -30,6 +30,11 @@ class TokenBatch:
     bad_token: torch.Tensor | None
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must build a backward; no-grad calls then skip all bookkeeping."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _require(cond: bool, exc: type[Exception], msg: str) -> None:
     if not cond:
         raise exc(msg)

@@ -39,29 +39,35 @@ def _forward_torch(logits, labels, softcap):
     return logp, lse
 
 
-class _ChunkedLogitsLogProb(torch.autograd.Function):
+def _backward_torch_into(dl, logits, labels, lse, grad, softcap) -> None:
+    N, V = logits.shape
+    for s in range(0, N, _chunk(V)):
+        e = min(N, s + _chunk(V))
+        z, t = _capped(logits[s:e], softcap)
+        g = grad[s:e].float()
+        dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
+        dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])
+        if t is not None:
+            dz.mul_(1.0 - t * t)
+        dl[s:e] = dz
+
+
+class _LogitsLogProb(torch.autograd.Function):
+    """Per-token log-probs of logits; ops = (forward, backward_into) of the torch or Triton path."""
+
     @staticmethod
-    def forward(ctx, logits, labels, softcap, inplace):
-        logp, lse = _forward_torch(logits, labels, softcap)
+    def forward(ctx, logits, labels, softcap, inplace, ops):
+        logp, lse = ops[0](logits, labels, softcap)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.softcap, ctx.inplace = softcap, inplace
+        ctx.softcap, ctx.inplace, ctx.backward_into = softcap, inplace, ops[1]
         return logp
 
     @staticmethod
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
-        N, V = logits.shape
         dl = logits if ctx.inplace else torch.empty_like(logits)
-        for s in range(0, N, _chunk(V)):
-            e = min(N, s + _chunk(V))
-            z, t = _capped(logits[s:e], ctx.softcap)
-            g = grad[s:e].float()
-            dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
-            dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])
-            if t is not None:
-                dz.mul_(1.0 - t * t)
-            dl[s:e] = dz
-        return dl, None, None, None
+        ctx.backward_into(dl, logits, labels, lse, grad, ctx.softcap)
+        return dl, None, None, None, None
 
 
 def logits_token_logps(batch: I.TokenBatch, softcap, impl: str, inplace: bool) -> torch.Tensor:
@@ -69,16 +75,17 @@ def logits_token_logps(batch: I.TokenBatch, softcap, impl: str, inplace: bool) -
     if impl == "reference":
         from .reference import reference_logits_token_logps
 
-        out = reference_logits_token_logps(logits, labels, batch.valid, softcap)
-    elif impl == "torch":
-        if torch.is_grad_enabled() and logits.requires_grad:
-            out = _ChunkedLogitsLogProb.apply(logits, labels, softcap, inplace)
-        else:
-            out = _forward_torch(logits, labels, softcap)[0]
+        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap), batch)
+    if impl == "torch":
+        ops = (_forward_torch, _backward_torch_into)
     else:
-        from .logits_logprob_triton import logits_token_logps_triton
+        from . import logits_logprob_triton as T
 
-        out = logits_token_logps_triton(logits, labels, softcap, inplace)
+        ops = (T.forward, T.backward_into)
+    if I.needs_autograd(logits):
+        out = _LogitsLogProb.apply(logits, labels, softcap, inplace, ops)
+    else:
+        out = ops[0](logits, labels, softcap)[0]
     return mask_token_logps(out, batch)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._inputs import needs_autograd
 from .options import LogProbOptions
 
 _CHUNK_ELEMS = 1 << 23  # one fp32 [chunk, V] block of 32 MiB
@@ -106,6 +107,6 @@ def linear_token_logps_torch(hidden, weight, bias, labels, valid, opts: LogProbO
     # nonzero syncs with the host; on this path (CPU default) that costs nothing, and it
     # lets prompt and padding tokens skip the product entirely.
     rows = valid.nonzero().squeeze(1)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+    if needs_autograd(hidden, weight, bias):
         return _ChunkedLinearLogProb.apply(hidden, weight, bias, labels, rows, opts)
     return _forward(hidden, weight, bias, labels, rows, opts)[0]

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._inputs import needs_autograd
 from .options import LogProbOptions
 
 
@@ -405,6 +406,6 @@ def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProb
     # Labelled tokens first, in their original order; the count stays on the device.
     rows = torch.argsort((~valid).to(torch.uint8), stable=True)
     n_valid = valid.sum(dtype=torch.int32).reshape(1)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+    if needs_autograd(hidden, weight, bias):
         return _TritonLinearLogProb.apply(hidden, weight, bias, labels, rows, n_valid, opts)
     return _forward(hidden, weight, bias, labels, rows, n_valid, opts)[0]

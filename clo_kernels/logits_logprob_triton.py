@@ -7,7 +7,8 @@ For callers whose head is not a plain linear layer. logits (N, V) in any float d
     dl_t   = g_t * (onehot(y_t) - softmax(z_t)) * (1 - (z_t / c)^2)
 
 The backward writes dl in the logits' dtype, into a new tensor or, with inplace, over the
-logits themselves (each element is read, then written, by the same program).
+logits themselves (each element is read, then written, by the same program). The
+autograd.Function is shared with the PyTorch path, in from_logits.py.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def _launch_cfg():
     return (32, 256, 1) if INTERPRETED else (16, 1024, 8)
 
 
-def _forward(logits, labels, softcap):
+def forward(logits, labels, softcap):
+    """(logp, lse), each (N,) fp32, of logits (N, V)."""
+    check_device(logits)
     N, V = logits.shape
     bm, bv, warps = _launch_cfg()
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
@@ -87,29 +90,10 @@ def _forward(logits, labels, softcap):
     return logp, lse
 
 
-class _TritonLogitsLogProb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, softcap, inplace):
-        logp, lse = _forward(logits, labels, softcap)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.softcap, ctx.inplace = softcap, inplace
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
-        N, V = logits.shape
-        dl = logits if ctx.inplace else torch.empty_like(logits)
-        bm, bv, warps = _launch_cfg()
-        _bwd_kernel[(triton.cdiv(N, bm),)](logits, labels, lse, grad.float().contiguous(), dl, N, V,
-                                           logits.stride(0), dl.stride(0), float(ctx.softcap or 0.0),
-                                           SOFTCAP=ctx.softcap is not None, BLOCK_M=bm, BLOCK_V=bv,
-                                           num_warps=warps)
-        return dl, None, None, None
-
-
-def logits_token_logps_triton(logits, labels, softcap, inplace: bool) -> torch.Tensor:
-    check_device(logits)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _TritonLogitsLogProb.apply(logits, labels, softcap, inplace)
-    return _forward(logits, labels, softcap)[0]
+def backward_into(dl, logits, labels, lse, grad, softcap) -> None:
+    """dl (N, V) = dL/dlogits for per-token gradients grad (N,); dl may be logits itself."""
+    N, V = logits.shape
+    bm, bv, warps = _launch_cfg()
+    _bwd_kernel[(triton.cdiv(N, bm),)](logits, labels, lse, grad.float().contiguous(), dl, N, V,
+                                       logits.stride(0), dl.stride(0), float(softcap or 0.0),
+                                       SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
