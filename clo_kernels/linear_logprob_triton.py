@@ -1,6 +1,7 @@
 """Fused linear log-prob in Triton: per-token log-probs straight from (hidden, weight).
 
-No [tokens x vocab] tensor is ever written to memory. For token t with label y_t:
+The forward never writes a [tokens x vocab] tensor; the backward writes one only as a
+bounded [chunk x vocab] staging buffer (or none, with backward="atomic"). For token t with label y_t:
 
     z_t    = softcap(h_t . W^T + b)                 logits, built tile by tile in SRAM
     logp_t = z_t[y_t] - logsumexp(z_t)
@@ -17,16 +18,22 @@ in BLOCK_V tiles; each tile is a K-loop of tl.dot over D; an online logsumexp an
 label's logit are kept per token. The splits' partial (lse, target) are merged by a
 logsumexp over a [splits, N] tensor (a few floats per token).
 
-Backward: grid over (token block, vocabulary block) tiles in grouped order. Each program
-recomputes its logit tile, forms dz, and adds dz @ W[tile] into dh and dz^T @ h[block]
-into dW with fp32 atomics (accumulating dW in bf16 across tiles loses precision). A tile
-whose softmax stays below ``filter_eps`` and that holds no label changes the gradients by
-at most filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does.
+Backward, "staged" (default): for a chunk of tokens whose [chunk, V] dz fits in
+``stage_bytes``, a kernel recomputes the logit tiles (grouped order) and writes dz; cuBLAS
+then gives dh[chunk] = dz @ W and dW += dz^T @ h[chunk], accumulated in fp32.
+
+Backward, "atomic": one kernel over all (token block, vocabulary block) tiles; each
+recomputes its logit tile, forms dz, and adds dz @ W[tile] into dh and dz^T @ h[block] into
+dW with fp32 atomics (accumulating dW in bf16 across tiles loses precision). A tile whose
+softmax stays below ``filter_eps`` and that holds no label changes the gradients by at most
+filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does. Measured on an H200
+(benchmarks/NOTES.md) its atomics make it 7x slower than "staged" on a dense softmax.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -308,7 +315,8 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
         except (RuntimeError, TypeError):  # PyTorch without addmm(out_dtype=) for this dtype
-            pass
+            warnings.warn("torch.addmm(out_dtype=float32) is unavailable: the Triton backward falls back to "
+                          "fp32 products for dW, several times slower", RuntimeWarning, stacklevel=3)
     acc.addmm_(a.float(), b.float())
 
 
