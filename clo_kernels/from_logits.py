@@ -10,17 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import _inputs as I
-from .linear_logprob_torch import _CHUNK_ELEMS, logsumexp
+from .linear_logprob_torch import _CHUNK_ELEMS, capped, logsumexp
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
-
-
-def _capped(x: torch.Tensor, softcap):
-    z = x.float()
-    if softcap is None:
-        return z, None
-    t = torch.tanh(z / softcap)
-    return t * softcap, t
 
 
 def _chunk(V: int) -> int:
@@ -32,7 +24,7 @@ def _forward_torch(logits, labels, softcap):
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     for s in range(0, N, _chunk(V)):
-        z, _ = _capped(logits[s : s + _chunk(V)], softcap)
+        z, _ = capped(logits[s : s + _chunk(V)], softcap)
         lse[s : s + z.shape[0]] = logsumexp(z)
         tgt = z.gather(1, labels[s : s + z.shape[0]].clamp(0, V - 1)[:, None]).squeeze(1)
         logp[s : s + z.shape[0]] = tgt - lse[s : s + z.shape[0]]
@@ -43,7 +35,7 @@ def _backward_torch_into(dl, logits, labels, lse, grad, softcap) -> None:
     N, V = logits.shape
     for s in range(0, N, _chunk(V)):
         e = min(N, s + _chunk(V))
-        z, t = _capped(logits[s:e], softcap)
+        z, t = capped(logits[s:e], softcap)
         g = grad[s:e].float()
         dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
         dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])

@@ -37,15 +37,19 @@ def logsumexp(z: torch.Tensor) -> torch.Tensor:
     return (m + (z - m).exp().sum(dim=-1, keepdim=True).log()).squeeze(-1)
 
 
-def linear_logits(h, weight, bias, softcap):
-    """fp32 logits of a chunk, and tanh(u / softcap) when capped (for the backward)."""
-    z = (h @ weight.T).float()
-    if bias is not None:
-        z = z + bias.float()
+def capped(u: torch.Tensor, softcap):
+    """fp32 softcap(u), and tanh(u / softcap) when capped (the backward's 1 - t^2)."""
+    z = u.float()
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
     return t * softcap, t
+
+
+def linear_logits(h, weight, bias, softcap):
+    """fp32 logits of a chunk, and tanh(u / softcap) when capped."""
+    u = h @ weight.T
+    return capped(u if bias is None else u.float() + bias.float(), softcap)
 
 
 def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
