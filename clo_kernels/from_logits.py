@@ -10,31 +10,30 @@ from __future__ import annotations
 import torch
 
 from . import _inputs as I
-from .linear_logprob_torch import _CHUNK_ELEMS, capped, logsumexp
+from .linear_logprob_torch import capped, chunk_rows, logsumexp
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
-
-
-def _chunk(V: int) -> int:
-    return max(1, _CHUNK_ELEMS // V)
 
 
 def _forward_torch(logits, labels, softcap):
     N, V = logits.shape
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    for s in range(0, N, _chunk(V)):
-        z, _ = capped(logits[s : s + _chunk(V)], softcap)
-        lse[s : s + z.shape[0]] = logsumexp(z)
-        tgt = z.gather(1, labels[s : s + z.shape[0]].clamp(0, V - 1)[:, None]).squeeze(1)
-        logp[s : s + z.shape[0]] = tgt - lse[s : s + z.shape[0]]
+    chunk = chunk_rows(V)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        z, _ = capped(logits[s:e], softcap)
+        lse[s:e] = logsumexp(z)
+        tgt = z.gather(1, labels[s:e].clamp(0, V - 1)[:, None]).squeeze(1)
+        logp[s:e] = tgt - lse[s:e]
     return logp, lse
 
 
 def _backward_torch_into(dl, logits, labels, lse, grad, softcap) -> None:
     N, V = logits.shape
-    for s in range(0, N, _chunk(V)):
-        e = min(N, s + _chunk(V))
+    chunk = chunk_rows(V)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
         z, t = capped(logits[s:e], softcap)
         g = grad[s:e].float()
         dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])

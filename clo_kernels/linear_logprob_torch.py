@@ -20,11 +20,12 @@ from .options import LogProbOptions
 _CHUNK_ELEMS = 1 << 23  # one fp32 [chunk, V] block of 32 MiB
 
 
-def _chunk_rows(opts: LogProbOptions, V: int) -> int:
-    if opts.chunk_size is not None:
-        if opts.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {opts.chunk_size}")
-        return opts.chunk_size
+def chunk_rows(V: int, chunk_size: int | None = None) -> int:
+    """Tokens per chunk: chunk_size, or as many as keep one fp32 [chunk, V] block near 32 MiB."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
     return max(1, _CHUNK_ELEMS // V)
 
 
@@ -54,7 +55,7 @@ def linear_logits(h, weight, bias, softcap):
 
 def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
     V = weight.shape[0]
-    chunk = _chunk_rows(opts, V)
+    chunk = chunk_rows(V, opts.chunk_size)
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, rows.numel(), chunk):
@@ -81,7 +82,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         hidden, weight, bias, labels, rows, lse = ctx.saved_tensors
         opts = ctx.opts
         V = weight.shape[0]
-        chunk = _chunk_rows(opts, V)
+        chunk = chunk_rows(V, opts.chunk_size)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
