@@ -1,0 +1,1 @@
+"""CLO trainer: data, translation, training, evaluation, CLI."""

@@ -1,0 +1,195 @@
+"""The ``clo`` command: prepare, train, eval, bench (also ``python -m clo ...``).
+
+Options come from a YAML file (``--config``) and are overridden by the command line; every
+TrainConfig field is a flag (``max_steps`` -> ``--max-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+CHOICES = {
+    "method": ("clo", "sft", "dpo"), "trainable": ("attention", "lora", "all"), "ref": ("precompute", "online"),
+    "loss_impl": ("auto", "triton", "torch", "reference"), "layout": ("packed", "padded"),
+    "on_bad_row": ("skip", "error"), "device": ("auto", "cpu", "cuda"), "grad_checkpointing": ("auto", "on", "off"),
+}
+TRAIN_HELP = {
+    "model": "hub name, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    "data": "pre-translated quads, JSONL/Parquet with prompt_en, response_en, prompt_tgt, response_tgt "
+            "(default: the bundled English/German demo set, train split)",
+    "target_lang": "target language, ISO 639-1 code",
+    "method": "clo (NLL on target responses + DPO over both pair kinds), sft (NLL on both chosen "
+              "responses, the paper's baseline) or dpo (pairs only)",
+    "trainable": "attention: q/k/v/o projections as full parameters (the paper); lora: LoRA on them; all",
+    "merge_lora": "merge the LoRA adapters into the final model",
+    "ref": "precompute: reference log-probs once, cached on disk; online: LoRA with adapters disabled",
+    "loss_impl": "fused loss path: auto (triton on CUDA, torch on CPU), triton, torch or reference (naive)",
+    "beta": "DPO temperature",
+    "nll_weight": "lambda: weight of the target-language NLL; the pair term gets 1 - lambda",
+    "average_logps": "use mean instead of summed token log-probs per sequence",
+    "max_length": "tokens per sequence; longer responses are cut, prompts that do not fit are bad rows",
+    "max_quads": "use only the first N quads",
+    "layout": "packed (padding-free, seq_ids) or padded batches",
+    "on_bad_row": "skip (drop, count and log bad rows) or error (stop at the first, naming it)",
+    "max_steps": "optimizer steps",
+    "batch_quads": "quads per micro-batch (4 sequences each)",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate (AdamW)",
+    "warmup_steps": "linear warmup steps before the cosine decay",
+    "min_lr_ratio": "final learning rate as a fraction of --lr",
+    "max_grad_norm": "gradient clipping norm",
+    "device": "auto, cpu or cuda",
+    "grad_checkpointing": "auto (on for CUDA), on or off",
+    "output_dir": "metrics.jsonl, metrics.png, checkpoints/ and final/ go here",
+    "cache_dir": "reference log-prob cache (default: <output-dir>/cache)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "resume": "continue from the latest checkpoint in --output-dir",
+    "tensorboard": "also log to <output-dir>/tensorboard (needs the tensorboard package)",
+    "progress": "show progress bars",
+    "save_final": "save the final model to <output-dir>/final",
+}
+
+
+def _field_type(f: dataclasses.Field):
+    """The scalar type of an Optional/plain dataclass field (annotations are strings here)."""
+    hint = typing.get_type_hints(_TRAIN_CONFIG())[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _TRAIN_CONFIG():
+    from .train import TrainConfig
+
+    return TrainConfig
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+    """One flag per dataclass field, default SUPPRESS so that only given flags override YAML."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        extra = {"help": f"{helps.get(f.name, '')} [default: {f.default}]", "default": argparse.SUPPRESS}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+        else:
+            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name),
+                                metavar=None if f.name in CHOICES else f.name.upper(), **extra)
+
+
+def build_config(cls, args: argparse.Namespace):
+    values = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"--config {args.config}: expected a mapping of options, got {type(loaded).__name__}")
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"--config {args.config}: unknown option(s) {unknown}")
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_train = sub.add_parser("train", help="train with the CLO loss (default: embedded model and demo data)",
+                             description="Train an instruct model with Cross-Lingual Optimization. With no "
+                                         "--model/--data: SmolLM2-135M-Instruct on the bundled en/de demo quads.")
+    p_train.add_argument("--config", help="YAML file of options; command-line flags override it")
+    add_config_args(p_train, _TRAIN_CONFIG(), TRAIN_HELP)
+
+    p_prep = sub.add_parser("prepare", help="English SFT data -> translated quads (JSONL)",
+                            description="Build CLO quads: English SFT rows (oasst1 recipe, a local file or a hub "
+                                        "dataset) translated by an M2M100/NLLB model, cached and resumable.")
+    p_prep.add_argument("--source", required=True,
+                        help="oasst1 (the paper's recipe, needs the Hub), a local .jsonl/.json/.parquet with "
+                             "instruction/response fields, or a Hugging Face dataset name")
+    p_prep.add_argument("--target-lang", required=True, help="ISO 639-1 code, e.g. de, zh, ko, sw")
+    p_prep.add_argument("--translator", default="facebook/m2m100_1.2B", help="seq2seq model name or folder")
+    p_prep.add_argument("--out", required=True, help="output quads .jsonl")
+    p_prep.add_argument("--limit", type=int, help="the first N English rows")
+    p_prep.add_argument("--prompt-field", help="instruction field of a local file")
+    p_prep.add_argument("--response-field", help="response field of a local file")
+    p_prep.add_argument("--batch-size", type=int, default=16)
+    p_prep.add_argument("--max-new-tokens", type=int, default=256)
+    p_prep.add_argument("--device", default="auto")
+    p_prep.add_argument("--cache", help="translation cache .jsonl (default: <out>.cache.jsonl)")
+    p_prep.add_argument("--on-bad-row", default="skip", choices=["skip", "error"])
+
+    p_eval = sub.add_parser("eval", help="language fidelity of a model, optionally before/after",
+                            description="Greedy answers to held-out target-language and English prompts, "
+                                        "classified by py3langid; held-out NLL; a before/after comparison.")
+    p_eval.add_argument("--model", help="model to evaluate (default: <output-dir>/final if it exists)")
+    p_eval.add_argument("--baseline", default="smollm2-135m-instruct",
+                        help="model to compare with ('none' to skip; default: the embedded base model)")
+    p_eval.add_argument("--data", help="held-out quads file (default: the demo set's held-out split)")
+    p_eval.add_argument("--target-lang", default="de")
+    p_eval.add_argument("--output-dir", default="runs/clo", help="the training run; the report goes to <dir>/eval")
+    p_eval.add_argument("--max-new-tokens", type=int, default=48)
+    p_eval.add_argument("--batch-size", type=int, default=16)
+    p_eval.add_argument("--limit", type=int, help="evaluate only the first N held-out quads")
+    p_eval.add_argument("--device", default="auto")
+
+    p_bench = sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers (benchmarks/bench_loss.py)",
+                             add_help=False)
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        cfg = build_config(TrainConfig, args)
+        summary = train(cfg)
+        print(json.dumps(summary, indent=2))
+    elif args.command == "prepare":
+        from .prepare import prepare
+
+        prepare(args)
+    elif args.command == "eval":
+        from .evaluate import run_eval
+
+        model = args.model
+        if model is None:
+            final = Path(args.output_dir) / "final"
+            if not final.exists():
+                raise SystemExit(f"clo eval: no --model and no trained model in {final}; run `clo train` first")
+            model = str(final)
+        baseline = None if args.baseline in ("none", "") else args.baseline
+        run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
+                 out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, limit=args.limit, device=args.device)
+    elif args.command == "bench":
+        return _bench(args.rest)
+    return 0
+
+
+def _bench(rest: list[str]) -> int:
+    """Runs benchmarks/bench_loss.py of this checkout (the benchmarks are not part of the wheel)."""
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
+    if not script.exists():
+        raise SystemExit(f"clo bench needs a source checkout: {script} not found")
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

