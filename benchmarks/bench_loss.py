@@ -35,18 +35,22 @@ the peak RSS growth of a fresh process that runs the method once to warm up, res
 all). Floor: 6*N*D*V FLOPs (N labelled tokens) at the bf16 torch.matmul rate measured in the same run.
 
 Inputs. Random data makes the softmax nearly flat, which misleads every method that skips tiles. The
-default inputs ("trained") reproduce a trained head's softmax statistics (SmolLM2-135M-Instruct on
-English prose: mean entropy 2.6 nats per token, median top probability 0.37, about 115 vocabulary entries
-above 2^-12 and 400 above 2^-15): W ~ N(0, I/D) and h = c * N(0, I), so each token's logits are V
-independent N(0, c^2) draws, whatever D. Their top order statistics are spaced like a Gumbel tail, so the
-ranked probabilities fall off as a (slowly varying) power of the rank, a Zipf-like profile. c is found by
-bisection so that the mean entropy, after any softcap, is 2.6 nats on 256 tokens (c = 5.4 at V 49,152,
-5.8 at V 152,064); the median top probability and the counts above 2^-12 and 2^-15 then follow (0.36, 117,
-364 at V 49,152) and are measured on every token of the batch, which fails when they leave STATS_BAND.
-(A Laplace profile, rows with exponentially distributed squared norms, fits less well: top 0.42, 460 above
-2^-15.) Labels are drawn from the softmax itself, as on the data a model was trained on; the reference
-log-probs are the policy's own plus N(0, 2^2) nats per sequence. "uniform" inputs (c = 1: logits ~ N(0, 1),
-uniform labels) are the random data others benchmark on, reported for comparison. Every token is labelled.
+default inputs ("trained") reproduce a trained head's softmax statistics (SmolLM2-135M-Instruct on English
+prose: mean entropy 2.6 nats per token, median top probability 0.37, about 115 vocabulary entries above
+2^-12 and 400 above 2^-15). Recipe: the rows of W are w_v = r_v * u_v with u_v ~ N(0, I/D) and
+r_v^2 ~ Exp(1), and h = c * N(0, I). Given h, each logit h.w_v is a Gaussian whose variance is
+exponentially distributed, i.e. Laplace(0, c/sqrt(2)) whatever D: an exponential upper tail, so the ranked
+probabilities fall off like k^-(c/sqrt(2)), a Zipf profile (exponent ~1.5). Column 0 carries a logit
+offset, as a bias would (W[:, 0] = 1, h[:, 0] = offset), placing the mean top logit at TOP_LOGIT = 15:
+softmax ignores it, a softcap does not (a Gemma-2 head kept at 0 would saturate its cap of 30 before
+reaching the entropy). c and the offset are found by bisection so that the mean entropy after any softcap
+is 2.6 nats on up to 1,024 tokens of the batch; the median top probability and the counts above 2^-12 and
+2^-15 then follow from the profile (about 0.38-0.43, 105-120, 370-470) and are measured on every token,
+with a failure when they leave STATS_BAND. (Calibrated Gaussian logits, std ~5.5, fit a little better
+without a softcap, but cannot reach 2.6 nats under Gemma-2's cap at V 256,000.) Labels are drawn from the
+softmax itself, as on the data a model was trained on; the reference log-probs are the policy's own plus
+N(0, 2^2) nats per sequence. "uniform" inputs (h ~ N(0, I), W ~ N(0, I/D): logits ~ N(0, 1), uniform
+labels) are the random data others benchmark on, reported for comparison. Every token is labelled.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,18 +124,20 @@ class Case:
 
 # GPU: every head at 4,096 and 16,384 tokens (sequences of 1,024: 1 and 4 CLO quads), in the order
 # that matters most when the time budget runs out; the uniform inputs at one shape for comparison.
-GPU_GRID = [Case(h, n, 1024) for n in (16384, 4096) for h in ("llama3-8b", "qwen2.5-7b", "gemma2-2b",
+GPU_GRID = [Case(h, n, 1024) for n in (16384, 4096) for h in ("llama3-8b", "gemma2-2b", "qwen2.5-7b",
                                                                "smollm2-135m")]
 GPU_GRID.insert(1, Case("llama3-8b", 16384, 1024, "uniform"))
-# CPU (2 cores): the SmolLM2 head at 512 and 2,048 tokens, the scaled-down Gemma head with its softcap,
-# and uniform inputs at the smallest shape. A few minutes in all.
-CPU_GRID = [Case("smollm2-135m", 512, 128), Case("smollm2-135m", 2048, 128), Case("gemma2-2b/8", 1024, 128),
-            Case("smollm2-135m", 512, 128, "uniform")]
+# CPU (2 cores): the SmolLM2 head at 512 and 1,024 tokens, and the scaled-down Gemma head with its softcap
+# on trained and uniform inputs. About five minutes in all, most of it torch.compile and fresh processes.
+CPU_GRID = [Case("smollm2-135m", 512, 128), Case("smollm2-135m", 1024, 128), Case("gemma2-2b/8", 512, 128),
+            Case("gemma2-2b/8", 512, 128, "uniform")]
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
 TARGET_ENTROPY = 2.6
+TOP_LOGIT = 15.0
+CALIBRATION_TOKENS = 1024
 # Measured on SmolLM2-135M-Instruct: entropy 2.6, median top probability 0.37, ~115 entries above 2^-12.
 # The band is what the recipe must land in on every head of the grid, or the benchmark stops.
 STATS_BAND = {"mean_entropy_nats": (2.4, 2.8), "median_top_prob": (0.28, 0.47), "mean_above_2^-12": (85.0, 150.0)}
@@ -179,17 +186,19 @@ def make_batch(head: Head, *, tokens: int, seq_len: int, inputs: str, dtype: tor
         raise ValueError(f"{tokens} tokens in sequences of {seq_len} is not a whole number of CLO quads")
     g = torch.Generator(device=device).manual_seed(seed)
     weight = torch.randn(V, D, device=device, generator=g) / math.sqrt(D)
-    h0 = torch.randn(tokens, D, device=device, generator=g)
+    hidden = torch.randn(tokens, D, device=device, generator=g)
     if inputs == "trained":
-        weight *= torch.empty(V, 1, device=device).exponential_(generator=g).sqrt_()
+        weight *= torch.empty(V, 1, device=device).exponential_(generator=g).sqrt_()  # r_v^2 ~ Exp(1)
+        weight[:, 0], hidden[:, 0] = 1.0, 0.0  # column 0: the logit offset
         weight = weight.to(dtype)
-        scale = _calibrate_scale(h0[:256].to(dtype), weight, head.softcap)
+        scale, offset = _calibrate(hidden[:CALIBRATION_TOKENS].to(dtype), weight, head.softcap)
+        hidden *= scale
+        hidden[:, 0] = offset
     elif inputs == "uniform":
-        weight, scale = weight.to(dtype), 1.0
+        weight, scale, offset = weight.to(dtype), 1.0, 0.0
     else:
         raise ValueError(f"inputs must be 'trained' or 'uniform', got {inputs!r}")
-    hidden = (h0 * scale).to(dtype)
-    del h0
+    hidden = hidden.to(dtype)
 
     # Labels from the softmax itself (uniform inputs: uniform labels), and per-token statistics, 1,024
     # tokens at a time so that no [N, V] tensor is built.
@@ -214,7 +223,8 @@ def make_batch(head: Head, *, tokens: int, seq_len: int, inputs: str, dtype: tor
             del z, logp, p
     stats = {
         "inputs": inputs,
-        "logit_std_c": scale,
+        "scale_c": scale,
+        "logit_offset": offset,
         "mean_entropy_nats": torch.cat(ent).mean().item(),
         "median_top_prob": torch.cat(top).median().item(),
         "mean_above_2^-12": torch.cat(n12).mean().item(),
@@ -238,19 +248,22 @@ class InputStatsError(RuntimeError):
     pass
 
 
-def _calibrate_scale(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> float:
-    """c such that softmax(softcap(c * h @ W^T)) has mean entropy TARGET_ENTROPY (bisection on log c;
-    the entropy falls monotonically as c grows)."""
+def _calibrate(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tuple[float, float]:
+    """Scale c and offset such that softmax(softcap(c * h @ W^T + offset)) has mean entropy TARGET_ENTROPY
+    and mean top logit TOP_LOGIT. Bisection on log c: with the top pinned, the entropy falls as c grows."""
     with torch.no_grad():
         z0 = (h @ weight.T).float()
-        lo, hi = math.log(0.3), math.log(30.0)
-        for _ in range(14):  # c to 0.03%
+        top0 = z0.amax(-1).mean().item()
+
+        def entropy(c: float) -> float:
+            return _entropy(_softcapped(z0 * c + (TOP_LOGIT - c * top0), softcap)).mean().item()
+
+        lo, hi = math.log(1.2), math.log(5.0)  # c was 2.0-2.4 on every head of the grid
+        for _ in range(10):  # c to 0.15%
             mid = (lo + hi) / 2
-            if _entropy(_softcapped(z0 * math.exp(mid), softcap)).mean().item() > TARGET_ENTROPY:
-                lo = mid
-            else:
-                hi = mid
-    return math.exp((lo + hi) / 2)
+            lo, hi = (mid, hi) if entropy(math.exp(mid)) > TARGET_ENTROPY else (lo, mid)
+        c = math.exp((lo + hi) / 2)
+    return c, TOP_LOGIT - c * top0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,3 +501,538 @@ def check_agreement(names: list[str], device: torch.device, *, tokens: int = 8 *
                 row.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
             rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+MODE_FLOPS = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}  # x N*D*V: logits; dhidden + dweight; all three
+
+
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "times_ms": times}
+
+
+def time_modes(fn: Callable, leaves: list[torch.Tensor], *, reps: int, warmup: int, cuda: bool) -> dict:
+    """Run forward then backward reps times after warmup runs; fwd, bwd and fwd+bwd are read off the same
+    runs. On CUDA the first timed run also gives the peak extra memory (allocator statistics are host-side,
+    so reading them between the events costs the GPU nothing)."""
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    for _ in range(warmup):
+        fn().backward()
+        clear()
+    fwd, bwd, mem = [], [], {}
+    for i in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+            if i == 0:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+            loss = fn()
+            ev[1].record()
+            if i == 0:
+                mem["fwd"] = torch.cuda.max_memory_allocated() - base
+            loss.backward()
+            ev[2].record()
+            if i == 0:
+                mem["fwd+bwd"] = torch.cuda.max_memory_allocated() - base
+            torch.cuda.synchronize()
+            fwd.append(ev[0].elapsed_time(ev[1]))
+            bwd.append(ev[1].elapsed_time(ev[2]))
+        else:
+            t0 = time.perf_counter()
+            loss = fn()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((t2 - t1) * 1e3)
+        del loss
+        clear()
+    fwd_bwd = [a + b for a, b in zip(fwd, bwd, strict=True)]
+    return {"fwd": _summary(fwd), "bwd": _summary(bwd), "fwd+bwd": _summary(fwd_bwd), "peak_extra_bytes": mem or None}
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """bf16 torch.matmul rate: 8192^3 on CUDA, 2048^3 on CPU (median of 5)."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    times = []
+    for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _proc_status_kib(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def save_batch(b: Batch, path: Path) -> None:
+    torch.save({"tensors": {k: v.detach() for k, v in b.tensors().items()}, "softcap": b.softcap, "beta": b.beta,
+                "nll_weight": b.nll_weight}, path)
+
+
+def load_batch(path: Path) -> Batch:
+    d = torch.load(path, weights_only=True)
+    b = Batch(**d["tensors"], softcap=d["softcap"], beta=d["beta"], nll_weight=d["nll_weight"])
+    b.hidden.requires_grad_()
+    b.weight.requires_grad_()
+    return b
+
+
+def _child_main(spec: dict) -> int:
+    """Peak RSS growth of one method in this fresh process (run by cpu_peak_rss)."""
+    b = load_batch(Path(spec["batch"]))
+    fn, leaves, _ = CONTENDERS[spec["method"]].build(b, torch.device("cpu"))
+    fn().backward()  # warm-up: compilation, lazy imports, thread pools
+    for t in leaves:
+        t.grad = None
+    gc.collect()
+    # Reset the high-water mark to the current RSS (Linux >= 4.0), so the warm-up's peak does not count.
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _proc_status_kib("VmRSS")
+    loss = fn()
+    fwd = _proc_status_kib("VmHWM") - base
+    loss.backward()
+    fwd_bwd = _proc_status_kib("VmHWM") - base
+    print(json.dumps({"fwd": fwd * 1024, "fwd+bwd": fwd_bwd * 1024}))
+    return 0
+
+
+def cpu_peak_rss(method: str, batch_path: Path, *, timeout: float) -> dict:
+    """Peak extra resident memory of forward and forward+backward, each method in a fresh process."""
+    # A fixed mmap threshold makes glibc return every freed block over 64 KiB to the system at once, so
+    # memory the warm-up freed is not silently reused (and missed) by the measured run.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"method": method,
+                                                                                "batch": str(batch_path)})]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed: {res.stderr.strip()[-400:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from timeout): stop measuring, write what was measured."""
+
+
+def _free(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def product_tflops(b: Batch, cuda: bool) -> float:
+    """Rate of the case's own logits product h @ W^T (median of 3): the CPU floor's rate, since a square
+    product there says little about a [N, D] x [D, V] one on cores that other jobs share."""
+    h, w = b.hidden.detach().flatten(0, -2), b.weight.detach()
+    h @ w.T
+    times = []
+    for _ in range(3):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        h @ w.T
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * h.shape[0] * h.shape[1] * w.shape[0] / statistics.median(times) / 1e12
+
+
+def run_grid(cases: list[Case], names: list[str], *, device: torch.device, dtype: torch.dtype, reps: int,
+             warmup: int, memory: bool, deadline: float, result: dict, on_progress: Callable[[], None]) -> None:
+    """Measure every (case, method), appending to result["cases"] and result["rows"] case by case."""
+    cuda = device.type == "cuda"
+    tmp = tempfile.TemporaryDirectory(prefix="bench_loss_")
+    try:
+        for case in cases:
+            head = HEADS[case.head]
+            info = {**dataclasses.asdict(case), "label": case.label(), "D": head.D, "V": head.V,
+                    "softcap": head.softcap, "head_name": head.name}
+            if time.monotonic() > deadline:
+                result["cases"].append({**info, "skipped": "time budget spent"})
+                result["rows"] += [_row(case, n, m, skipped="time budget spent") for n in names for m in MODES]
+                print(f"\n== {case.label()}: skipped, time budget spent", flush=True)
+                continue
+            b = make_batch(head, tokens=case.tokens, seq_len=case.seq_len, inputs=case.inputs, dtype=dtype,
+                           device=device)
+            n_lab = int((b.labels != -100).sum())
+            info["product_tflops"] = product_tflops(b, cuda)
+            # GPU: the bf16 peak measured once (8192^3); CPU: this case's own product, measured just now.
+            rate = result["matmul_bf16_tflops"] if cuda else info["product_tflops"]
+            info.update(labelled_tokens=n_lab, input_stats=b.stats, floor_tflops=rate,
+                        floor_ms={m: k * n_lab * head.D * head.V / (rate * 1e12) * 1e3 for m, k in MODE_FLOPS.items()})
+            result["cases"].append(info)
+            print(f"\n== {case.label()}: D {head.D} V {head.V} softcap {head.softcap}; entropy "
+                  f"{b.stats['mean_entropy_nats']:.2f} nats, median top p {b.stats['median_top_prob']:.2f}, "
+                  f"{b.stats['mean_above_2^-12']:.0f} above 2^-12; floor {info['floor_ms']['fwd+bwd']:.1f} ms",
+                  flush=True)
+            timed = {}
+            for name in names:
+                timed[name] = _measure(case, name, b, device=device, reps=reps, warmup=warmup, deadline=deadline)
+                _free(cuda)
+            # CPU memory: each method in a fresh process, two at a time (one thread each), after the timings
+            # so that they do not share the cores with them. It does not depend on the values: trained only.
+            if memory and not cuda and case.inputs == "trained":
+                batch_path = Path(tmp.name) / "batch.pt"
+                save_batch(b, batch_path)
+                todo = [n for n, t in timed.items() if "fwd+bwd" in t]
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    futures = {n: pool.submit(cpu_peak_rss, n, batch_path, timeout=300.0) for n in todo}
+                for n, f in futures.items():
+                    try:
+                        timed[n]["peak_extra_bytes"] = f.result()
+                    except Exception as e:
+                        timed[n]["memory_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            for name, t in timed.items():
+                result["rows"] += _rows(case, name, t, info["floor_ms"])
+            del b
+            _free(cuda)
+            on_progress()
+    finally:
+        tmp.cleanup()
+
+
+def _measure(case: Case, name: str, b: Batch, *, device, reps: int, warmup: int, deadline: float) -> dict:
+    """Times (and CUDA memory) of one method on one case; a skip, an OOM or a failure is a result too."""
+    c, cuda = CONTENDERS[name], device.type == "cuda"
+    reason = unavailable(c, device)
+    if reason is None and time.monotonic() > deadline:
+        reason = "time budget spent"
+    if reason:
+        print(f"  {name:14s} skipped: {reason}", flush=True)
+        return {"skipped": reason}
+    try:
+        fn, leaves, note = c.build(b.detached(), device)
+        t = time_modes(fn, leaves, reps=reps, warmup=warmup, cuda=cuda)
+    except Exception as e:  # an OOM or a peer's failure is a result, not a crash
+        err = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"  {name:14s} error: {err}", flush=True)
+        return {"error": err}
+    if c.grads_in_forward:
+        note = "; ".join(x for x in (note, "gradients computed in the forward") if x)
+    t["note"] = note
+    mem = t["peak_extra_bytes"]
+    mem_s = f", peak extra {_fmt_mem(mem['fwd+bwd'])}" if mem else ""
+    print(f"  {name:14s} fwd {t['fwd']['median_ms']:9.1f} ms  bwd {t['bwd']['median_ms']:9.1f} ms  fwd+bwd "
+          f"{t['fwd+bwd']['median_ms']:9.1f} ms{mem_s}{'  [' + note + ']' if note else ''}", flush=True)
+    return t
+
+
+def _rows(case: Case, name: str, t: dict, floor_ms: dict) -> list[dict]:
+    if "fwd+bwd" not in t:
+        return [_row(case, name, m, **t) for m in MODES]
+    mem, rows = t.get("peak_extra_bytes"), []
+    for m in MODES:
+        row = _row(case, name, m, note=t["note"], **t[m], x_floor=t[m]["median_ms"] / floor_ms[m])
+        row["peak_extra_bytes"] = None if mem is None or m == "bwd" else mem[m]
+        if "memory_error" in t:
+            row["memory_error"] = t["memory_error"]
+        rows.append(row)
+    return rows
+
+
+def _row(case: Case, method: str, mode: str, **kw) -> dict:
+    return {"case": case.label(), "head": case.head, "tokens": case.tokens, "inputs": case.inputs, "method": method,
+            "mode": mode, **kw}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports: JSON (every figure), markdown, PNG
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("triton", "liger-kernel", "cut-cross-entropy", "trl", "transformers", "clo-kernels"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_commit() -> str:
+    if os.environ.get("CLO_COMMIT"):
+        return os.environ["CLO_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return m.group(1).strip() if m else platform.processor() or "cpu"
+    except OSError:
+        return platform.processor() or "cpu"
+
+
+def _fmt_ms(r: dict) -> str:
+    return f"{r['median_ms']:.1f}" if "median_ms" in r else "-"
+
+
+def _fmt_mem(nbytes) -> str:
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def markdown(result: dict) -> str:
+    v = result["versions"]
+    lines = [f"# CLO loss: forward and backward, {result['dtype']}, {result['device']}", "",
+             f"{result['date']}, commit {result['commit'][:10]}; torch {v['torch']}, triton {v['triton']}, "
+             f"liger-kernel {v['liger-kernel']}, cut-cross-entropy {v['cut-cross-entropy']}, trl {v['trl']}.",
+             f"Command: `{result['command']}`.", ""]
+    if result["device_type"] == "cpu":
+        lines += [f"CPU run on {result['cpu_count']} cores, {result['torch_threads']} torch threads: a reduced grid "
+                  "(GPU grid: 4 heads x 4,096 and 16,384 tokens). Wall-clock medians. Load average (1 min) "
+                  f"{result['loadavg_start'][0]:.2f} at start, {result['loadavg_end'][0]:.2f} at end: other jobs "
+                  "shared the cores, so the times are noisy. Peak extra memory: RSS growth of a fresh process "
+                  "(trained inputs only; it does not depend on the values).", ""]
+    if result.get("matmul_bf16_tflops"):
+        rate = f"the bf16 torch.matmul rate measured here (8192^3: {result['matmul_bf16_tflops']:.0f} TFLOP/s)"
+    else:
+        rate = "the rate of each case's own bf16 product h @ W^T, measured just before the case (informational)"
+    lines += [f"Floor: 6*N*D*V FLOPs (fwd 2NDV, bwd 4NDV) at {rate}. Times in ms: medians; fwd+bwd with p20-p80.",
+              ""]
+    if result.get("interrupted"):
+        lines += [f"**Interrupted** ({result['interrupted']}): the rows below are what was measured.", ""]
+    lines += ["Agreement (fp32, small odd shapes, vs impl=\"reference\" on the loss each method computes):", "",
+              "| method | head | loss rel err | dhidden rel err | dweight rel err | ok |", "|---|---|---|---|---|---|"]
+    for a in result["agreement"]:
+        if "loss_rel_err" in a:
+            lines.append(f"| {a['method']} | {a['head']} | {a['loss_rel_err']:.1e} | {a['dhidden_rel_err']:.1e} | "
+                         f"{a['dweight_rel_err']:.1e} | {'yes' if a['ok'] else '**NO**'} |")
+        else:
+            lines.append(f"| {a['method']} | {a['head']} | {a.get('skipped') or a.get('error')} | | | "
+                         f"{'' if 'skipped' in a else '**NO**'} |")
+    for info in result["cases"]:
+        lines += ["", f"## {info['label']}: {info['head_name']} head (D {info['D']}, V {info['V']}"
+                  f"{', softcap ' + str(info['softcap']) if info['softcap'] else ''})", ""]
+        if "skipped" in info:
+            lines.append(f"Skipped: {info['skipped']}.")
+            continue
+        s = info["input_stats"]
+        lines += [f"Inputs: entropy {s['mean_entropy_nats']:.2f} nats, median top p {s['median_top_prob']:.2f}, "
+                  f"{s['mean_above_2^-12']:.0f} above 2^-12, {s['mean_above_2^-15']:.0f} above 2^-15. "
+                  f"Floor (6NDV) {info['floor_ms']['fwd+bwd']:.1f} ms at {info['floor_tflops'] * 1e3:.0f} GFLOP/s.", "",
+                  "| method | fwd | bwd | fwd+bwd (p20-p80) | x floor | peak extra fwd | peak extra fwd+bwd | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows = [r for r in result["rows"] if r["case"] == info["label"]]
+        for name in dict.fromkeys(r["method"] for r in rows):
+            by = {r["mode"]: r for r in rows if r["method"] == name}
+            fb = by["fwd+bwd"]
+            if "median_ms" not in fb:
+                lines.append(f"| {name} | | | {fb.get('skipped') or fb.get('error')} | | | | |")
+                continue
+            lines.append(f"| {name} | {_fmt_ms(by['fwd'])} | {_fmt_ms(by['bwd'])} | {_fmt_ms(fb)} "
+                         f"({fb['p20_ms']:.1f}-{fb['p80_ms']:.1f}) | {fb['x_floor']:.2f} | "
+                         f"{_fmt_mem(by['fwd']['peak_extra_bytes'])} | {_fmt_mem(fb['peak_extra_bytes'])} | "
+                         f"{fb.get('note', '')} |")
+    lines += ["", f"Liger: {result['liger_differences']}.", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> str | None:
+    """fwd+bwd time and peak extra memory per method and case, log scale. None, or why not drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    cases = [c["label"] for c in result["cases"]]
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    if not cases or not methods:
+        return "nothing measured"
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 2.2 * len(cases)), 8), sharex=True)
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        t, mem = [], []
+        for c in cases:
+            r = next((r for r in result["rows"] if r["case"] == c and r["method"] == m and r["mode"] == "fwd+bwd"),
+                     {})
+            t.append(r.get("median_ms", math.nan))
+            mem.append((r.get("peak_extra_bytes") or math.nan) / 2**20)
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(cases))]
+        axes[0].bar(xs, t, width, label=m)
+        axes[1].bar(xs, mem, width, label=m)
+    axes[0].set_ylabel("fwd+bwd median, ms")
+    axes[1].set_ylabel("peak extra memory, MiB")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels([c.replace(" tok ", "\n").replace(") ", ")\n") for c in cases], fontsize=8)
+    axes[0].legend(fontsize=8, ncol=4)
+    axes[0].set_title(f"CLO loss, {result['dtype']}, {result['device']} (missing bar: skipped, failed or OOM)",
+                      fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench_loss", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                    help="auto: cuda when available (decided at run time)")
+    ap.add_argument("--grid", default="auto", choices=["auto", "gpu", "cpu"], help="auto: the device's grid")
+    ap.add_argument("--heads", help=f"comma list replacing the grid's heads, of {', '.join(HEADS)}")
+    ap.add_argument("--tokens", help="comma list of token counts (with --heads)")
+    ap.add_argument("--seq-len", type=int, help="tokens per sequence (with --heads; default 1024 GPU, 128 CPU)")
+    ap.add_argument("--inputs", default="trained", help="with --heads: trained, uniform or both (comma list)")
+    ap.add_argument("--methods", default=",".join(CONTENDERS), help="comma list of " + ", ".join(CONTENDERS))
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--reps", type=int, help="timed runs per method (default 5 GPU, 3 CPU)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (compilation)")
+    ap.add_argument("--budget-s", type=float, help="start no measurement after this (default 330 CPU, none GPU)")
+    ap.add_argument("--no-memory", action="store_true", help="CPU: skip the per-method memory subprocesses")
+    ap.add_argument("--no-check", action="store_true", help="skip the agreement check")
+    ap.add_argument("--check-only", action="store_true", help="only the agreement check")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit; touches no GPU")
+    ap.add_argument("--out", type=Path, help="results folder (default $OUT, else benchmarks/results/<date>_<dev>_"
+                                             "bench_loss)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one memory measurement
+    return ap
+
+
+def _cases(args, cuda: bool) -> list[Case]:
+    if args.heads:
+        seq = args.seq_len or (1024 if cuda else 128)
+        tokens = [int(t) for t in (args.tokens or ("16384" if cuda else "512")).split(",")]
+        kinds = args.inputs.split(",")
+        return [Case(h, n, seq, k) for h in args.heads.split(",") for n in tokens for k in kinds]
+    grid = args.grid if args.grid != "auto" else ("gpu" if cuda else "cpu")
+    return list(GPU_GRID if grid == "gpu" else CPU_GRID)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        return _child_main(json.loads(args.child))
+    if args.device == "auto":
+        # In a dry run the plan is printed without any CUDA query.
+        device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    else:
+        device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONTENDERS]
+    cases = _cases(args, cuda)
+    bad += [c.head for c in cases if c.head not in HEADS]
+    if bad:
+        raise SystemExit(f"unknown method or head: {', '.join(bad)}")
+    for c in cases:
+        if c.inputs not in ("trained", "uniform") or c.seqs % 4 or c.seqs * c.seq_len != c.tokens:
+            raise SystemExit(f"bad case {c}: inputs trained/uniform, tokens = a multiple of 4 sequences")
+    reps = args.reps or (5 if cuda else 3)
+    dtype = getattr(torch, args.dtype)
+    budget = args.budget_s if args.budget_s is not None else (None if cuda else 330.0)
+
+    if args.dry_run:
+        print(f"device {device} ({'GPU' if cuda else 'CPU'} grid), {args.dtype}, reps {reps}, warmup {args.warmup}, "
+              f"budget {budget or 'none'} s")
+        for c in cases:
+            h = HEADS[c.head]
+            print(f"  {c.label():44s} D {h.D:5d} V {h.V:6d} softcap {h.softcap}  6NDV {6 * c.tokens * h.D * h.V:.3g}")
+        for n in names:
+            reason = unavailable(CONTENDERS[n], device)
+            print(f"  {n:14s} {'runs' if reason is None else 'skipped: ' + reason}")
+        return 0
+
+    start = time.monotonic()
+    deadline = start + budget if budget else math.inf
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else
+                       ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}_{'gpu' if cuda else 'cpu'}"
+                                                          "_bench_loss")
+    out.mkdir(parents=True, exist_ok=True)
+    dev_name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", dev_name).strip("_")[:40]
+    result = {
+        "what": "CLO loss (fwd, bwd, fwd+bwd) of each contender on the same inputs",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": dev_name, "device_type": device.type, "dtype": args.dtype, "versions": _versions(),
+        "commit": _git_commit(), "command": "python benchmarks/bench_loss.py " + " ".join(argv or sys.argv[1:]),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+        "reps": reps, "warmup": args.warmup, "budget_s": budget, "stats_band": STATS_BAND,
+        "liger_differences": LIGER_DIFFERENCES, "agreement": [], "cases": [], "rows": [],
+    }
+    json_path, md_path, png_path = (out / f"loss_{slug}.{ext}" for ext in ("json", "md", "png"))
+
+    def write(final: bool = False) -> None:
+        result["loadavg_end"] = os.getloadavg()
+        result["elapsed_s"] = time.monotonic() - start
+        json_path.write_text(json.dumps(result, indent=1))
+        if final:
+            md_path.write_text(markdown(result))
+            why = plot(result, png_path)
+            if why:
+                print(f"no plot: {why}")
+
+    def on_term(signum, frame):
+        raise Interrupted(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    status = 0
+    try:
+        if not args.no_check:
+            result["agreement"] = check_agreement(names, device)
+            for a in result["agreement"]:
+                print("agreement:", json.dumps({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in a.items()}))
+            if any(a.get("ok") is False for a in result["agreement"]):
+                print("SOME CONTENDERS DISAGREE with impl='reference' (see above)")
+                status = 1
+            write()
+        if not args.check_only:
+            result["matmul_bf16_tflops"] = matmul_tflops(device) if cuda else None
+            run_grid(cases, names, device=device, dtype=dtype, reps=reps, warmup=args.warmup,
+                     memory=not args.no_memory, deadline=deadline, result=result, on_progress=write)
+    except Interrupted as e:
+        result["interrupted"] = str(e)
+        status = 1
+    except InputStatsError as e:
+        result["error"] = str(e)
+        print(f"INPUT STATISTICS OUT OF BAND: {e}")
+        status = 2
+    finally:
+        result.setdefault("matmul_bf16_tflops", None)
+        write(final=True)
+        print(f"\nwrote {json_path}, {md_path.name}, {png_path.name}")
+    if not args.check_only:
+        print("\n" + markdown(result))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
