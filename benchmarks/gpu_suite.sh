@@ -1,26 +1,68 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine without network: the GPU tests, then the benchmarks.
+# One prepared run for a GPU machine without network: the GPU tests, then bench_head and bench_loss.
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_DIR]      (default: $OUT when set, else benchmarks/results)
+#   PARTS=loss SUITE_S=560 bash benchmarks/gpu_suite.sh     (only bench_loss, with all the time)
 #
-# Runs from the repository root with the machine's own torch / triton / pytest; the checkout
-# is put on PYTHONPATH, nothing is installed. Wheels for packages the machine lacks may be
-# carried in .whl/ (see the README); they are installed into /tmp/site first.
+# Runs from the repository root with the machine's own torch / triton / pytest; the checkout is put on
+# PYTHONPATH. The peers bench_loss compares against (liger-kernel, cut-cross-entropy, trl, and datasets,
+# dill, multiprocess for trl's backward) come as wheels in .whl/, made by benchmarks/fetch_wheels.sh where
+# there is network and carried along with the checkout; they are installed into /tmp/site with no index
+# and no dependency resolution, so the image's torch and triton stay. A peer still missing is reported by
+# bench_loss as skipped, with the reason.
+#
+# Time: everything within SUITE_S seconds (default 470: 8 minutes less a margin for the machine's start and
+# the copy back). Each part has a `timeout`; bench_loss gets what the others left, stops starting new
+# measurements 60 s before its limit and, on the limit's SIGTERM, writes what it has (JSON, markdown, PNG).
+# Everything goes to RESULTS_DIR: gpu.txt, gpu_tests.log, bench_head.log, head_*.json, bench_loss.log and
+# loss_*.{json,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results}}
+SUITE_S=${SUITE_S:-470}
+PARTS=${PARTS:-tests,head,loss}
 mkdir -p "$RESULTS"
+left() { echo $((SUITE_S - SECONDS)); }
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export CLO_COMMIT=${CLO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$RESULTS/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/gpu.txt"
+python3 - <<'EOF' 2>&1 | tee -a "$RESULTS/gpu.txt"
+from importlib.metadata import version
+import sys
+names = ["torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy", "trl", "datasets", "matplotlib"]
+def v(n):
+    try:
+        return version(n)
+    except Exception:
+        return "missing"
+print("python", sys.version.split()[0], *(f"{n} {v(n)}" for n in names))
+EOF
 
 status=0
-timeout 240 python3 -m pytest tests -q --maxfail=10 -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
-timeout 200 python3 benchmarks/bench_head.py --out "$RESULTS" 2>&1 | tee "$RESULTS/bench_head.log" || status=1
+if has tests; then
+  timeout 210 python3 -m pytest tests -q --maxfail=10 -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || status=1
+fi
+if has head; then
+  timeout 75 python3 benchmarks/bench_head.py --no-sweep --reps 3 --out "$RESULTS" 2>&1 \
+    | tee "$RESULTS/bench_head.log" || status=1
+fi
+if has loss; then
+  limit=$(($(left) - 5))
+  if ((limit < 90)); then
+    echo "bench_loss: only ${limit} s left of SUITE_S=${SUITE_S}; not started" | tee "$RESULTS/bench_loss.log"
+    status=1
+  else
+    # The agreement check in bf16 shares the grid's compilations (torch.compile, Liger, CCE's autotuning);
+    # the fp32 check runs on CPU in `pytest benchmarks/`.
+    timeout -k 20 "$limit" python3 benchmarks/bench_loss.py --device cuda --reps 3 --check-dtype bfloat16 \
+      --budget-s $((limit - 60)) --out "$RESULTS" 2>&1 | tee "$RESULTS/bench_loss.log" || status=1
+  fi
+fi
 exit $status

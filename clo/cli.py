@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = None if args.baseline in ("none", "") else args.baseline
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, limit=args.limit, device=args.device)
+                 batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device)
     elif args.command == "bench":
         return _bench(args.rest)
     return 0

@@ -400,3 +400,26 @@ def test_loaded_model_needs_tokenizer(m2m_dir):
         Translator(tr.model, tgt_lang="de")
     again = Translator(tr.model, tr.tokenizer, tgt_lang="de", max_new_tokens=6, progress=False)
     assert again.translate(["Hello world."]) == tr.translate(["Hello world."])
+
+
+def test_clo_prepare_end_to_end(nllb_dir, tmp_path):
+    """`clo prepare` on a local SFT file: a bad row is counted, the quads file loads for training,
+    and a second run is served from the cache."""
+    from clo.cli import main
+    from clo.data import load_quads
+
+    src = tmp_path / "sft.jsonl"
+    src.write_text(json.dumps({"instruction": "Name a colour.", "output": "Blue is a colour."}) + "\n"
+                   + json.dumps({"instruction": "", "output": "orphan"}) + "\n"
+                   + json.dumps({"prompt": "Say hi.", "response": "Hi!\n\n```\nprint('hi')\n```"}) + "\n")
+    out = tmp_path / "quads.jsonl"
+    args = ["prepare", "--source", str(src), "--translator", str(nllb_dir), "--target-lang", "de",
+            "--out", str(out), "--max-new-tokens", "8", "--device", "cpu"]
+    assert main(args) == 0
+    quads, report = load_quads(out)
+    assert [q.prompt_en for q in quads] == ["Name a colour.", "Say hi."] and report.kept == 2
+    assert "```\nprint('hi')\n```" in quads[1].response_tgt  # code left untranslated
+    first = out.read_text()
+    assert main(args) == 0 and out.read_text() == first
+    with pytest.raises(SystemExit, match="--target-lang 'xx'"):
+        main([*args[:5], "--target-lang", "xx", "--out", str(out)])
