@@ -890,7 +890,9 @@ def plot(result: dict, path: Path) -> str | None:
         axes[0].bar(xs, t, width, label=m)
         axes[1].bar(xs, mem, width, label=m)
     axes[0].set_ylabel("fwd+bwd median, ms")
-    axes[1].set_ylabel("peak extra memory, MiB")
+    axes[1].set_ylabel("peak extra memory (fwd+bwd), MiB")
+    if result["device_type"] == "cpu":
+        axes[1].set_title("CPU: peak RSS growth of a fresh process, trained inputs only", fontsize=9)
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
@@ -992,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         "what": "CLO loss (fwd, bwd, fwd+bwd) of each contender on the same inputs",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": dev_name, "device_type": device.type, "dtype": args.dtype, "versions": _versions(),
-        "commit": _git_commit(), "command": "python benchmarks/bench_loss.py " + " ".join(argv or sys.argv[1:]),
+        "commit": _git_commit(),
+        "command": " ".join(["python benchmarks/bench_loss.py", *(sys.argv[1:] if argv is None else argv)]),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
         "reps": reps, "warmup": args.warmup, "budget_s": budget, "stats_band": STATS_BAND,
         "liger_differences": LIGER_DIFFERENCES, "agreement": [], "cases": [], "rows": [],

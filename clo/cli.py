@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                             description="Greedy answers to held-out target-language and English prompts, "
                                         "classified by py3langid; held-out NLL; a before/after comparison.")
     p_eval.add_argument("--model", help="model to evaluate (default: <output-dir>/final if it exists)")
-    p_eval.add_argument("--baseline", default="smollm2-135m-instruct",
-                        help="model to compare with ('none' to skip; default: the embedded base model)")
+    p_eval.add_argument("--baseline", help="model to compare with ('none' to skip; default: the base model "
+                                           "named in <output-dir>/config.json, else the embedded default)")
     p_eval.add_argument("--data", help="held-out quads file (default: the demo set's held-out split)")
     p_eval.add_argument("--target-lang", default="de")
     p_eval.add_argument("--output-dir", default="runs/clo", help="the training run; the report goes to <dir>/eval")
@@ -170,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             if not final.exists():
                 raise SystemExit(f"clo eval: no --model and no trained model in {final}; run `clo train` first")
             model = str(final)
-        baseline = None if args.baseline in ("none", "") else args.baseline
+        baseline = args.baseline
+        if baseline is None:  # the model the run in --output-dir started from
+            run_cfg = Path(args.output_dir) / "config.json"
+            baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None
+            baseline = baseline or "smollm2-135m-instruct"
+        baseline = None if baseline in ("none", "") else baseline
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device)
