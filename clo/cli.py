@@ -145,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N held-out quads")
     p_eval.add_argument("--device", default="auto")
 
-    p_bench = sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers (benchmarks/bench_loss.py)",
-                             add_help=False)
-    p_bench.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers: runs benchmarks/bench_loss.py "
+                                 "with the remaining arguments (clo bench --help)")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to bench_loss.py (argparse.REMAINDER drops flags)
+        return _bench(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command == "train":
@@ -179,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
                  batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device)
-    elif args.command == "bench":
-        return _bench(args.rest)
     return 0
 
 
@@ -192,7 +192,10 @@ def _bench(rest: list[str]) -> int:
     if not script.exists():
         raise SystemExit(f"clo bench needs a source checkout: {script} not found")
     sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return done.code or 0
     return 0
 
 

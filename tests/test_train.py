@@ -289,6 +289,7 @@ def test_cli_yaml_config_and_overrides(llama_dir, tmp_path):
     assert "rewards/margins" not in rows[0]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["method"] == "sft" and saved["max_length"] == 96
+    assert main(["bench", "--dry-run", "--device", "cuda"]) == 0  # flags pass through to bench_loss.py
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_stepz: 3\n")
     with pytest.raises(SystemExit, match="unknown option"):
