@@ -26,6 +26,7 @@ baseline), dpo (the pair term alone).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -140,9 +141,13 @@ def micro_batches(step: int, cfg: TrainConfig, n: int) -> list[list[int]]:
     out = []
     for g in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
         epoch, j = divmod(g, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).tolist()
-        out.append(order[j * cfg.batch_quads:(j + 1) * cfg.batch_quads])
+        out.append(list(_epoch_order(cfg.seed, epoch, n)[j * cfg.batch_quads:(j + 1) * cfg.batch_quads]))
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
 
 
 def loss_layout(method: str, num_quads: int, nll_weight: float):
