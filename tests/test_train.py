@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
+from conftest import DEVICE
 from trainer_fixtures import smollm2_tokenizer, tiny_llama
 
 import clo.data as D
@@ -98,7 +99,7 @@ def synthetic_quads(n: int, vocab: int, seed: int = 0) -> list[D.Encoded]:
 
 def _one_step_grads(encoded, *, loss_impl, layout="packed", method="clo", vocab=311):
     cfg = TrainConfig(loss_impl=loss_impl, layout=layout, method=method)
-    model = tiny_llama(vocab, seed=3)
+    model = tiny_llama(vocab, seed=3).to(DEVICE)  # triton runs interpreted on the CPU, natively on CUDA
     ref = T.reference_logps(model, encoded, cfg=cfg, amp_dtype=None) if method != "sft" else None
     model = M.select_trainable(model, "attention")
     batch = D.collate(encoded, pad_id=0, layout=layout, method=method)
