@@ -268,17 +268,15 @@ def encode_pair(tokenizer, prompt: str, response: str, *, max_length: int, name:
     the response tokens are the difference, so the assistant's end-of-turn token is learned.
     Truncation policy: the prompt is kept whole (a prompt that leaves no room for 8 response
     tokens is a bad row), the response is cut at ``max_length``."""
-    user = [{"role": "user", "content": prompt}]
+    p_ids = prompt_ids(tokenizer, prompt)
     if getattr(tokenizer, "chat_template", None):
-        p_ids = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-        full = _ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
-                                                  tokenize=True))
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        full = _ids(tokenizer.apply_chat_template(turns, tokenize=True))
         if full[: len(p_ids)] != p_ids:
             # Templates that render the generation prompt differently from a finished turn
             # (rare): fall back to prompt + response + eos.
             full = p_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
     else:
-        p_ids = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
         full = p_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
     if len(p_ids) + 8 > max_length:
         raise DataError(f"{name}: prompt is {len(p_ids)} tokens, too long for max_length={max_length} "
@@ -287,6 +285,15 @@ def encode_pair(tokenizer, prompt: str, response: str, *, max_length: int, name:
     full = full[:max_length]
     labels = [IGNORE] * len(p_ids) + full[len(p_ids):]
     return full, labels, truncated
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A user turn in the chat template, ending where the assistant's answer starts (the
+    rendering both training and generation use)."""
+    if getattr(tokenizer, "chat_template", None):
+        return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True))
+    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
 
 
 def _ids(out) -> list[int]:
@@ -359,17 +366,22 @@ def collate(batch: list[Encoded], *, pad_id: int, layout: str = "padded", method
             "seq_ids": torch.tensor([i for i, s in enumerate(ids) for _ in s]),
         }
     elif layout == "padded":
-        T = max(len(s) for s in ids)
-        out = {
-            "input_ids": torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in ids]),
-            "labels": torch.tensor([list(s) + [IGNORE] * (T - len(s)) for s in labels]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids]),
-        }
+        out = pad_sequences(ids, labels, pad_id=pad_id)
     else:
         raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
     out["num_seqs"] = len(ids)
     out["quad_ids"] = [e.id for e in batch]
     return out
+
+
+def pad_sequences(ids, labels, *, pad_id: int) -> dict:
+    """Right-padded input_ids, labels (-100 at padding) and attention_mask, each (S, T)."""
+    T = max(len(s) for s in ids)
+    return {
+        "input_ids": torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in ids]),
+        "labels": torch.tensor([list(s) + [IGNORE] * (T - len(s)) for s in labels]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids]),
+    }
 
 
 def response_tokens(enc: Encoded, seqs: tuple[int, ...]) -> int:

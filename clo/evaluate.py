@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from clo.data import IGNORE, DataError, Quad, encode_pair
+from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids
 from clo.model import hidden_states, split_lm
 from clo_kernels import sequence_logps
 
@@ -93,16 +93,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids exactly as ``clo.data.encode_pair`` renders them for training."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        # transformers 5 returns a BatchEncoding, 4.x a list.
-        return list(out["input_ids"] if hasattr(out, "keys") and "input_ids" in out else out)
-    return list(tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"])
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends a turn: chat models often list their end-of-turn token (Llama 3's
     <|eot_id|>) next to eos in the generation config."""
@@ -128,7 +118,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     device = _device(model)
     eos = _eos_ids(model, tokenizer)
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: memory peaks show at once
     out: list[str | None] = [None] * len(prompts)
 
@@ -194,12 +184,8 @@ def heldout_nll(model, tokenizer, quads: list[Quad], *, max_length: int = 256, b
         with torch.no_grad():
             for start in range(0, len(seqs), batch_size):
                 chunk = seqs[start:start + batch_size]
-                T = max(len(ids) for ids, _ in chunk)
-                batch = {  # right padding, as clo.data.collate lays out training batches
-                    "input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in chunk]),
-                    "attention_mask": torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in chunk]),
-                }
-                labels = torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in chunk])
+                batch = pad_sequences([ids for ids, _ in chunk], [lab for _, lab in chunk], pad_id=pad_id)
+                labels = batch.pop("labels")
                 hidden = hidden_states(split, batch)
                 labels = labels.to(hidden.device)
                 logps = sequence_logps(hidden, split.head.weight, labels, bias=split.head.bias,

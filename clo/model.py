@@ -130,8 +130,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself, also under a peft wrapper (whose LoRA layers live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _config(model: nn.Module):
-    return model.config if hasattr(model, "config") else model.get_base_model().config
+    return base_model(model).config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +153,7 @@ class SplitLM:
 
 
 def split_lm(model: nn.Module) -> SplitLM:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = base.config
     for attr in ("logit_scale", "logits_scaling"):
         if getattr(config, attr, None) not in (None, 1, 1.0):

@@ -525,7 +525,7 @@ def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool) -> Path:
     """save_pretrained output that AutoModelForCausalLM.from_pretrained loads."""
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = M.base_model(model)
     if getattr(base, "hf_quantizer", None) is not None and base.hf_quantizer.quantization_config.quant_method == "gguf":
         # A model read from a .gguf is dequantised on load; the GGUF "quantizer" left attached is
         # not serialisable and save_pretrained refuses. The weights are plain tensors: drop it.
