@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -46,6 +47,8 @@ TRAIN_HELP = {
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "max_grad_norm": "gradient clipping norm",
     "device": "auto, cpu or cuda",
+    "fsdp": "shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; launch with torchrun "
+            "for several processes",
     "grad_checkpointing": "auto (on for CUDA), on or off",
     "output_dir": "metrics.jsonl, metrics.png, checkpoints/ and final/ go here",
     "cache_dir": "reference log-prob cache (default: <output-dir>/cache)",
@@ -152,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after it belongs to bench_loss.py (argparse.REMAINDER drops flags)
         return _bench(argv[1:])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks, unless something goes wrong
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     if args.command == "train":
         from .train import TrainConfig, train
 
         cfg = build_config(TrainConfig, args)
         summary = train(cfg)
-        print(json.dumps(summary, indent=2))
+        if rank == 0:
+            print(json.dumps(summary, indent=2))
     elif args.command == "prepare":
         from .prepare import prepare
 

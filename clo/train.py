@@ -18,6 +18,9 @@ Each optimizer step (Lee et al., ACL 2025):
    micro-batches gives the gradients of one k-times-larger batch.
 4. Checkpoints hold the trainable weights, optimizer, scheduler and RNG; the data order is a
    pure function of (seed, epoch), so --resume continues the exact loss trajectory.
+5. Under torchrun the same loop runs data-parallel (DDP, or FSDP2 with --fsdp; see
+   clo/distributed.py): ranks take slices of each global micro-batch, the denominators stay
+   global, and N ranks x b quads train exactly like one process with N*b quads.
 
 Methods on the same loop: clo (default), sft (NLL of both chosen responses, the paper's
 baseline), dpo (the pair term alone).
@@ -39,10 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import clo_kernels as ck
 
 from . import data as D
+from . import distributed as DD
 from . import model as M
 
 log = logging.getLogger("clo.train")
@@ -87,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     # machine
     device: str = "auto"                # auto | cpu | cuda
+    fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP; torchrun sets the world
     grad_checkpointing: str = "auto"    # auto (on for CUDA) | on | off
     # output
     output_dir: str = "runs/clo"
@@ -121,6 +127,8 @@ class TrainConfig:
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.warmup_steps >= 0 and self.save_every >= 0, "warmup_steps and save_every must be >= 0")
+        need(not (self.fsdp and self.merge_lora), "merge_lora with fsdp is not supported: train with --fsdp, "
+             "then merge the saved adapters in one process (peft's merge_and_unload)")
         from .translate import LANGUAGES
 
         need(self.target_lang in LANGUAGES, f"target_lang {self.target_lang!r} is not a supported ISO 639-1 "
@@ -131,18 +139,25 @@ class TrainConfig:
 # Data order, batches and their global denominators
 
 
-def micro_batches(step: int, cfg: TrainConfig, n: int) -> list[list[int]]:
-    """Quad indices of the micro-batches of optimizer step ``step``.
+def micro_batches(step: int, cfg: TrainConfig, n: int, *, world: int = 1) -> list[list[int]]:
+    """Quad indices of the global micro-batches of optimizer step ``step``: ``grad_accum``
+    lists of ``batch_quads * world`` quads; rank r takes ``[r * batch_quads, (r + 1) * batch_quads)``
+    of each (``rank_share``).
 
-    The order is a pure function of (seed, epoch, step): a resumed run sees exactly the
-    batches an uninterrupted one would. An epoch is a fresh permutation; the last micro-batch
-    of an epoch may be smaller (the global denominators keep the step's loss a true mean)."""
-    per_epoch = math.ceil(n / cfg.batch_quads)
+    The data is a stream of epochs, each a fresh permutation drawn from (seed, epoch), so the
+    order is a pure function of the step and a resumed run sees exactly the batches an
+    uninterrupted one would. Micro-batches run across epoch boundaries rather than ending an
+    epoch short: every rank gets a full share at every micro-batch (an empty share would leave
+    a rank out of a collective)."""
+    size = cfg.batch_quads * world
     out = []
     for g in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-        epoch, j = divmod(g, per_epoch)
-        out.append(list(_epoch_order(cfg.seed, epoch, n)[j * cfg.batch_quads:(j + 1) * cfg.batch_quads]))
+        out.append([_epoch_order(cfg.seed, pos // n, n)[pos % n] for pos in range(g * size, (g + 1) * size)])
     return out
+
+
+def rank_share(global_batch: list[int], cfg: TrainConfig, rank: int) -> list[int]:
+    return global_batch[rank * cfg.batch_quads:(rank + 1) * cfg.batch_quads]
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,7 +177,8 @@ def loss_layout(method: str, num_quads: int, nll_weight: float):
 
 
 def denominators(batches: list[list[D.Encoded]], method: str) -> tuple[int, int]:
-    """(pairs, NLL tokens) of a whole optimizer step: the loss's global denominators."""
+    """(pairs, NLL tokens) of a whole optimizer step (every micro-batch, every rank): the loss's
+    global denominators."""
     quads = [e for b in batches for e in b]
     nll_seqs = (0, 2) if method == "sft" else (2,)
     pairs = 0 if method == "sft" else 2 * len(quads)
@@ -214,19 +230,47 @@ def batch_logps(split: M.SplitLM, batch: dict, *, cfg: TrainConfig, amp_dtype) -
                              impl="reference" if cfg.loss_impl == "reference" else "auto").float()
 
 
+class Objective(nn.Module):
+    """The causal LM and the fused loss as one module: what DDP and FSDP2 wrap.
+
+    Under FSDP2 this is the root module; the lm_head weight (tied to the embedding or not)
+    belongs to the root's parameter group, so it is the gathered full weight for the whole of
+    this forward, where the loss runs, and its gradient is reduce-scattered back to the shards
+    by FSDP. DDP sees the loss inside its forward as well, so one wrapper serves both."""
+
+    def __init__(self, lm: nn.Module, *, cfg: TrainConfig, amp_dtype):
+        super().__init__()
+        self.lm = lm
+        self.cfg = cfg
+        self.amp_dtype = amp_dtype
+
+    def forward(self, batch: dict, *, ref_logps=None, num_pairs: int = 1, num_nll_tokens: int = 1,
+                logps_only: bool = False):
+        """The micro-batch's CLO loss (``ck.CLOOutput``), or its (S,) sequence log-probs."""
+        split = M.split_lm(self.lm)
+        if logps_only:
+            return batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
+        if ref_logps is None and self.cfg.method != "sft":  # --ref online: the LoRA model, adapters off
+            with self.lm.disable_adapter():
+                ref_logps = batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
+        return micro_step_loss(split, batch, cfg=self.cfg, ref_logps=ref_logps, num_pairs=num_pairs,
+                               num_nll_tokens=num_nll_tokens, amp_dtype=self.amp_dtype)
+
+
 @torch.no_grad()
-def reference_logps(model, encoded: list[D.Encoded], *, cfg: TrainConfig, amp_dtype, desc="reference log-probs"):
-    """(Q, 4) sequence log-probs of the frozen model for every quad (fp32), in batches."""
+def reference_logps(objective: nn.Module, encoded: list[D.Encoded], *, cfg: TrainConfig,
+                    desc="reference log-probs") -> torch.Tensor:
+    """(Q, 4) fp32 sequence log-probs of the (still untrained) ``Objective`` for every quad, in
+    batches of similar lengths (less padding)."""
     from tqdm.auto import tqdm
 
-    split = M.split_lm(model)
     out = torch.empty(len(encoded), 4)
     bs = max(cfg.batch_quads, 4)
-    order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i].input_ids)))  # less padding
+    order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i].input_ids)))
     for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not cfg.progress, leave=False):
         idx = order[start:start + bs]
         batch = D.collate([encoded[i] for i in idx], pad_id=0, layout=cfg.layout)
-        out[idx] = batch_logps(split, batch, cfg=cfg, amp_dtype=amp_dtype).cpu().view(-1, 4)
+        out[idx] = objective(batch, logps_only=True).cpu().view(-1, 4)
     return out
 
 
@@ -242,22 +286,35 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_reference(model, encoded, needed: list[int], *, cfg: TrainConfig, amp_dtype) -> torch.Tensor:
+def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: TrainConfig, fingerprints: dict,
+                     d: DD.Dist = DD.SINGLE, device: torch.device | None = None) -> torch.Tensor:
     """(Q, 4) reference log-probs, NaN for quads this run never sees.
 
     Only the ``needed`` quads are computed: a short run over a large dataset does not pay a
     full pass. The cache file (keyed by the model's and the data's fingerprints) keeps every
-    quad computed so far, and a longer run later adds only the missing ones."""
+    quad computed so far, and a longer run later adds only the missing ones. Under torchrun the
+    missing quads are split across ranks and gathered; rank 0 reads and writes the one file
+    (the other ranks need no shared file system)."""
     path = Path(cfg.cache_dir or Path(cfg.output_dir) / "cache")
-    path /= f"ref-{model_fingerprint(model)}-{D.fingerprint(encoded)}-avg{int(cfg.average_logps)}.pt"
-    ref = torch.load(path) if path.exists() else torch.full((len(encoded), 4), float("nan"))
+    path /= f"ref-{fingerprints['model']}-{fingerprints['data']}-avg{int(cfg.average_logps)}.pt"
+    ref = None
+    if d.main:
+        ref = torch.load(path) if path.exists() else torch.full((len(encoded), 4), float("nan"))
+    ref = DD.broadcast_object(ref, d)
     missing = [i for i in needed if torch.isnan(ref[i]).any()]
     log.info("reference log-probs: %d quads needed, %d cached in %s", len(needed), len(needed) - len(missing), path)
     if missing:
         t0 = time.perf_counter()
-        ref[missing] = reference_logps(model, [encoded[i] for i in missing], cfg=cfg, amp_dtype=amp_dtype)
-        _atomic_save(ref, path)
-        log.info("reference log-probs for %d quads in %.1f s", len(missing), time.perf_counter() - t0)
+        by_length = sorted(missing, key=lambda i: max(map(len, encoded[i].input_ids)))
+        mine = DD.shard_evenly(by_length, d)
+        values = reference_logps(objective, [encoded[i] for i in mine], cfg=cfg)
+        on = device or torch.device("cpu")
+        idx = DD.all_gather_cat(torch.tensor(mine, device=on), d).cpu()
+        ref[idx] = DD.all_gather_cat(values.to(on), d).cpu()
+        if d.main:
+            _atomic_save(ref, path)
+        log.info("reference log-probs for %d quads in %.1f s (%d ranks)", len(missing), time.perf_counter() - t0,
+                 d.world)
     return ref
 
 
@@ -284,7 +341,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints) -> Path:
+_LM = "lm."  # Objective's prefix; checkpoints use the model's own parameter names
+
+
+def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints,
+                    d: DD.Dist = DD.SINGLE) -> Path | None:
+    """Full trainable weights and optimizer state (gathered from the shards under FSDP2: every
+    rank calls this), written by rank 0 only; ``model`` is the (wrapped) Objective."""
+    weights, optim = DD.trainable_state(model, optimizer, d)
+    if not d.main:
+        return None
     root = out / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.partial"
@@ -292,8 +358,9 @@ def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, finger
     tmp.mkdir(parents=True)
     state = {
         "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in M.trainable_parameters(model).items()},
-        "optimizer": optimizer.state_dict(),
+        "world_size": d.world,
+        "trainable": {n.removeprefix(_LM): w for n, w in weights.items()},
+        "optimizer": optim,
         "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -314,6 +381,32 @@ def load_checkpoint(out: Path) -> dict | None:
     if not latest.exists():
         return None
     return torch.load(out / "checkpoints" / latest.read_text().strip() / "state.pt", weights_only=False)
+
+
+def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, device) -> int:
+    """Load the latest checkpoint into the (wrapped) Objective, optimizer and scheduler; returns
+    its step (0 when there is none). Rank 0 reads the file, the state is broadcast."""
+    state = load_checkpoint(out) if d.main else None
+    keys = ("step", "world_size", "fingerprints", "scheduler", "rng")
+    meta = DD.broadcast_object(None if state is None else {k: state.get(k) for k in keys}, d)
+    if meta is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", out)
+        return 0
+    if meta["fingerprints"] != fingerprints:
+        raise ValueError(f"--resume: the checkpoint in {out} was trained on another model or data "
+                         f"({meta['fingerprints']} vs {fingerprints})")
+    if (meta["world_size"] or 1) != d.world:
+        raise ValueError(f"--resume: the checkpoint in {out} was written at world size {meta['world_size'] or 1}, "
+                         f"this run has {d.world}: the data order depends on it; resume with "
+                         f"--nproc-per-node/--nnodes giving {meta['world_size'] or 1} processes")
+    weights = {_LM + n: w for n, w in state["trainable"].items()} if d.main else {}
+    DD.load_trainable_state(model, optimizer, weights, state["optimizer"] if d.main else {}, d)
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(meta["rng"]["torch"])
+    if meta["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(meta["rng"]["cuda"])
+    log.info("resumed from step %d", meta["step"])
+    return meta["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,45 +478,56 @@ def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Encoded], li
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run CLO training; returns a summary (final metrics, paths)."""
+    """Run CLO training; returns a summary (final metrics, paths). Under torchrun, every rank
+    calls this; rank 0 writes the files and returns the summary the others return too."""
     cfg.check()
+    d, device = DD.setup(cfg.device, need_group=cfg.fsdp)
+    try:
+        return _train(cfg, d, device)
+    finally:
+        DD.teardown(d)
+
+
+def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
 
-    model, tokenizer = M.load_model(cfg.model, device=device)
+    # FSDP2 loads on the CPU and fully_shard moves each rank's shards to its GPU.
+    model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device)
     encoded, reports = load_training_data(cfg, tokenizer)
-    for r in reports:
+    for r in reports if d.main else ():
         log.info("data: %s", r.summary())
         for ex in r.examples:
             log.warning("dropped %s", ex)
     fingerprints = {"model": model_fingerprint(model), "data": D.fingerprint(encoded)}
+    DD.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
 
-    # Reference log-probs of the frozen base model, before any parameter changes.
+    model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    if cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in M.trainable_parameters(model).values())
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("training %s parameters of %s (%.1f%%): %s; %d process(es), %s", f"{n_train:,}", f"{n_total:,}",
+             100 * n_train / n_total, cfg.trainable, d.world, "FSDP2" if cfg.fsdp else "DDP" if d.world > 1 else
+             "single")
+    objective = DD.wrap(Objective(model, cfg=cfg, amp_dtype=amp_dtype), d=d, fsdp=cfg.fsdp, device=device,
+                        amp_dtype=amp_dtype)
+    params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
+
+    # Reference log-probs: the model has not changed yet (LoRA's B starts at zero).
     need_ref = cfg.method != "sft"
     ref = None
     if need_ref and cfg.ref == "precompute":
-        model.eval()
-        needed = sorted({i for step in range(cfg.max_steps) for idx in micro_batches(step, cfg, len(encoded))
-                         for i in idx})
-        ref = cached_reference(model, encoded, needed, cfg=cfg, amp_dtype=amp_dtype)
+        objective.eval()
+        needed = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(encoded),
+                                                                                    world=d.world) for i in mb})
+        ref = cached_reference(objective, encoded, needed, cfg=cfg, fingerprints=fingerprints, d=d, device=device)
+    objective.train()
 
-    model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-    params = M.trainable_parameters(model)
-    if cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    split = M.split_lm(model)
-    n_train = sum(p.numel() for p in params.values())
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info("training %s parameters of %s (%.1f%%): %s", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total,
-             cfg.trainable)
-
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
     def lr_lambda(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
         if step < cfg.warmup_steps:
@@ -432,97 +536,92 @@ def train(cfg: TrainConfig) -> dict:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
+    checkpoint = functools.partial(save_checkpoint, out, model=objective, optimizer=optimizer, scheduler=scheduler,
+                                   cfg=cfg, fingerprints=fingerprints, d=d)
     start = 0
     if cfg.resume:
-        state = load_checkpoint(out)
-        if state is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", out)
-        else:
-            if state["fingerprints"] != fingerprints:
-                raise ValueError(f"--resume: the checkpoint in {out} was trained on another model or data "
-                                 f"({state['fingerprints']} vs {fingerprints})")
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["trainable"][n])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"]["cuda"] is not None and device.type == "cuda":
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            start = state["step"]
-            log.info("resumed from step %d", start)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    logger = MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
+        start = resume(out, model=objective, optimizer=optimizer, scheduler=scheduler, fingerprints=fingerprints,
+                       d=d, device=device)
+    logger = None
+    if d.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        logger = MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.method} train", disable=not cfg.progress)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.method} train", disable=not (cfg.progress and d.main))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = {}
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
-        indices = micro_batches(step, cfg, len(encoded))
-        num_pairs, num_nll = denominators([[encoded[i] for i in idx] for idx in indices], cfg.method)
+        global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
+        num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for idx in indices:
+        for k, mb in enumerate(global_batches):
+            idx = rank_share(mb, cfg, d.rank)
             batch = D.collate([encoded[i] for i in idx], pad_id=tokenizer.pad_token_id, layout=cfg.layout,
                               method=cfg.method)
-            ref_mb = None
-            if need_ref:  # (quads, 4) in the CLO order -> one entry per sequence
-                ref_mb = (online_reference(model, batch, cfg=cfg, amp_dtype=amp_dtype) if cfg.ref == "online"
-                          else ref[idx].reshape(-1))
-            res = micro_step_loss(split, batch, cfg=cfg, ref_logps=ref_mb, num_pairs=num_pairs,
-                                  num_nll_tokens=num_nll, amp_dtype=amp_dtype)
-            res.loss.backward()
+            ref_mb = ref[idx].reshape(-1) if ref is not None else None  # (quads, 4) -> one per sequence
+            with DD.sync_gradients(objective, last=k == len(global_batches) - 1):
+                res = objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1),
+                                num_nll_tokens=max(num_nll, 1))
+                # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of
+                # the global mean, so their sum is wanted.
+                (res.loss * d.world if d.world > 1 else res.loss).backward()
             # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
             # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
             share = (2 * len(idx) / num_pairs) if num_pairs else 0.0
-            for k, v in [("loss", res.loss.detach()), *res.metrics.items()]:
-                sums[k] = sums.get(k, 0.0) + (v if k in ("loss", "nll") else v * share)
+            for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
+                sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
             tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        keys = sorted(sums)  # every rank's share of the step, summed: one collective per step
+        totals = DD.all_reduce(torch.stack([torch.as_tensor(sums[key], dtype=torch.float32, device=device).reshape(())
+                                            for key in keys] + [torch.tensor(float(tokens), device=device)]), d)
+        peak = DD.all_reduce(torch.tensor(peak_memory_mb(device), device=device), d, op="max")
         dt = time.perf_counter() - t0
-        row = {"step": step + 1, **{k: float(sums[k]) for k in sorted(sums)}, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), "tokens/s": tokens / dt, "step_s": dt,
-               "peak_mem_mb": peak_memory_mb(device)}
+        row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
+               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
+               "step_s": dt, "peak_mem_mb": float(peak)}
         if cfg.method == "sft":
-            row = {k: v for k, v in row.items() if not k.startswith(("rewards/", "logps/"))}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}
+        if logger is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
             logger.write(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
                         tok_s=f"{row['tokens/s']:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(out, step=step + 1, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                            fingerprints=fingerprints)
+            checkpoint(step=step + 1)
     bar.close()
-    logger.close()
     if start < cfg.max_steps:
-        save_checkpoint(out, step=cfg.max_steps, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                        fingerprints=fingerprints)
+        checkpoint(step=cfg.max_steps)
     summary = {"output_dir": str(out), "steps": cfg.max_steps, "final": row, "fingerprints": fingerprints,
-               "data": [r.summary() for r in reports]}
+               "data": [r.summary() for r in reports], "world_size": d.world}
     if cfg.save_final:
-        summary["final_model"] = str(save_final_model(model, tokenizer, out / "final", merge_lora=cfg.merge_lora))
-    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        full = DD.full_model_state(objective) if cfg.fsdp else None  # a collective: every rank
+        if d.main:
+            # named_parameters lists a tied weight once, as save_pretrained's own state dict would
+            names = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+            state = None if full is None else {n[len(_LM):]: w for n, w in full.items() if n[len(_LM):] in names}
+            summary["final_model"] = str(save_final_model(model, tokenizer, out / "final", merge_lora=cfg.merge_lora,
+                                                          state_dict=state))
+    if logger is not None:
+        logger.close()
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     return summary
 
 
-def online_reference(model, batch: dict, *, cfg: TrainConfig, amp_dtype) -> torch.Tensor:
-    """Reference log-probs of one micro-batch from the LoRA model with its adapters disabled."""
-    with model.disable_adapter():
-        return batch_logps(M.split_lm(model), batch, cfg=cfg, amp_dtype=amp_dtype)
-
-
-def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool) -> Path:
-    """save_pretrained output that AutoModelForCausalLM.from_pretrained loads."""
+def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: dict | None = None) -> Path:
+    """save_pretrained output that AutoModelForCausalLM.from_pretrained loads. ``state_dict``:
+    the full weights gathered from FSDP2 shards (the model itself then holds DTensors)."""
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
     base = M.base_model(model)
@@ -534,7 +633,7 @@ def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool) -> Path:
             del base.config.quantization_config
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

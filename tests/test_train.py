@@ -22,18 +22,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from conftest import DEVICE
-from trainer_fixtures import smollm2_tokenizer, tiny_llama
+from trainer_fixtures import save_model, smollm2_tokenizer, tiny_llama
 
 import clo.data as D
 import clo.model as M
 import clo.train as T
 from clo.train import TrainConfig, train
-
-
-def _save(model, tokenizer, path: Path) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def llama_dir(tok, tmp_path_factory):
-    return _save(tiny_llama(len(tok), seed=1), tok, tmp_path_factory.mktemp("llama"))
+    return save_model(tiny_llama(len(tok), seed=1), tok, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def gpt2_dir(tok, tmp_path_factory):
     torch.manual_seed(2)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512,
                                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
-    return _save(model, tok, tmp_path_factory.mktemp("gpt2"))
+    return save_model(model, tok, tmp_path_factory.mktemp("gpt2"))
 
 
 def cfg_for(model_dir, out, **kw) -> TrainConfig:
@@ -100,7 +94,7 @@ def synthetic_quads(n: int, vocab: int, seed: int = 0) -> list[D.Encoded]:
 def _one_step_grads(encoded, *, loss_impl, layout="packed", method="clo", vocab=311):
     cfg = TrainConfig(loss_impl=loss_impl, layout=layout, method=method)
     model = tiny_llama(vocab, seed=3).to(DEVICE)  # triton runs interpreted on the CPU, natively on CUDA
-    ref = T.reference_logps(model, encoded, cfg=cfg, amp_dtype=None) if method != "sft" else None
+    ref = T.reference_logps(T.Objective(model, cfg=cfg, amp_dtype=None), encoded, cfg=cfg) if method != "sft" else None
     model = M.select_trainable(model, "attention")
     batch = D.collate(encoded, pad_id=0, layout=layout, method=method)
     pairs, nll = T.denominators([encoded], method)

@@ -67,3 +67,10 @@ def tiny_llama(vocab_size: int, *, hidden_size: int = 32, num_layers: int = 2, s
                          tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def save_model(model, tokenizer, path: Path) -> str:
+    """A model folder (config, weights, tokenizer) that ``clo train --model`` loads by path."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

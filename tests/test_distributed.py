@@ -1,0 +1,182 @@
+"""Data-parallel training under torchrun on the CPU (gloo, 2 processes) on a tiny random Llama
+with tied embeddings, SmolLM2's tokenizer and the bundled demo quads.
+
+The claim under test: N ranks x ``batch_quads`` b train exactly like one process with
+``batch_quads`` N*b (global denominators, gradients summed over ranks), for DDP and for FSDP2;
+a checkpoint written at 2 ranks resumes at 2 ranks on the same trajectory. The runs go through
+``python -m torch.distributed.run ... -m clo train``, the command users type.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+from trainer_fixtures import save_model, smollm2_tokenizer, tiny_llama
+
+from clo.train import TrainConfig, load_checkpoint, train
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 4
+COMMON = dict(max_quads=6, max_steps=STEPS, max_length=96, lr=1e-3, warmup_steps=1, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    tok = smollm2_tokenizer()  # SmolLM2 ties lm_head to the embedding: so does this model
+    return save_model(tiny_llama(len(tok), seed=1, tie_word_embeddings=True), tok, tmp_path_factory.mktemp("tied"))
+
+
+def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.CompletedProcess:
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "clo", "train", *flags, "--output-dir", str(out), "--no-progress", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def single(model: str, out: Path, **kw) -> dict:
+    return train(TrainConfig(model=model, output_dir=str(out), progress=False, **{**COMMON, **kw}))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=False)["trainable"]
+
+
+def assert_same_run(a: Path, b: Path, *, rtol: float) -> None:
+    ra, rb = metrics(a), metrics(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, STEPS + 1))
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "nll", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=rtol, abs=1e-6), (x["step"], key)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=1e-4, atol=2e-6, msg=n)
+
+
+@pytest.fixture(scope="module")
+def runs(tied_llama, tmp_path_factory):
+    """One process with 2 quads per micro-batch; 2 DDP ranks with 1 each (checkpoints at 2 and 4)."""
+    root = tmp_path_factory.mktemp("runs")
+    single(tied_llama, root / "single", batch_quads=2, save_final=False)
+    torchrun(root / "ddp", model=tied_llama, batch_quads=1, save_final=False, **COMMON)
+    return root
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_global_batch(runs):
+    assert_same_run(runs / "ddp", runs / "single", rtol=1e-5)
+    assert set(weights(runs / "ddp")) == {n for n in weights(runs / "single")}  # the projections, no tied head
+    assert all("self_attn" in n for n in weights(runs / "ddp"))
+    # the reference pass was split over the ranks and gathered into one cache file
+    (ref_ddp,), (ref_one,) = (glob.glob(str(runs / r / "cache" / "ref-*.pt")) for r in ("ddp", "single"))
+    assert Path(ref_ddp).name == Path(ref_one).name
+    torch.testing.assert_close(torch.load(ref_ddp), torch.load(ref_one), rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert not torch.load(ref_ddp).isnan().any()  # 4 steps x 2 quads cover all 6 quads
+    assert load_checkpoint(runs / "ddp")["world_size"] == 2
+
+
+def test_ddp_checkpoint_resumes_at_two_ranks(runs, tied_llama, tmp_path):
+    # The 2-rank run, cut back to its step-2 checkpoint (as if killed during step 3), resumed at 2 ranks.
+    cut = tmp_path / "cut"
+    shutil.copytree(runs / "ddp", cut)
+    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:07d}")
+    (cut / "checkpoints" / "LATEST").write_text("step-0000002")
+    torchrun(cut, "--resume", model=tied_llama, batch_quads=1, save_final=False, **COMMON)
+    assert_same_run(cut, runs / "ddp", rtol=1e-6)
+
+
+def test_resume_at_another_world_size_is_refused(runs, tied_llama, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(runs / "ddp", cut)
+    with pytest.raises(ValueError, match="written at world size 2, this run has 1"):
+        single(tied_llama, cut, batch_quads=1, resume=True, save_final=False)
+
+
+def test_fsdp2_two_ranks_equal_one_process_and_save_a_loadable_model(tied_llama, tmp_path):
+    """FSDP2 with every weight trained: the tied lm_head/embedding is sharded, gathered for the
+    fused loss inside the root module's forward, and its gradient reduce-scattered."""
+    from transformers import AutoModelForCausalLM
+
+    single(tied_llama, tmp_path / "single", batch_quads=2, trainable="all", save_final=True)
+    torchrun(tmp_path / "fsdp", "--fsdp", model=tied_llama, batch_quads=1, trainable="all", save_final=True,
+             **COMMON)
+    assert_same_run(tmp_path / "fsdp", tmp_path / "single", rtol=1e-5)
+    assert "model.embed_tokens.weight" in weights(tmp_path / "fsdp")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final").state_dict()
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=2e-6, msg=n)
+    base = AutoModelForCausalLM.from_pretrained(tied_llama).state_dict()
+    assert not torch.equal(a["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+
+    # and its checkpoint resumes at 2 ranks
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "fsdp", cut)
+    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:07d}")
+    (cut / "checkpoints" / "LATEST").write_text("step-0000002")
+    torchrun(cut, "--fsdp", "--resume", model=tied_llama, batch_quads=1, trainable="all", save_final=False, **COMMON)
+    assert_same_run(cut, tmp_path / "fsdp", rtol=1e-6)
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    from clo.train import micro_batches
+
+    cfg = TrainConfig(batch_quads=2, grad_accum=3, seed=7)
+    n = 10
+    one = [i for s in range(5) for mb in micro_batches(s, cfg, n, world=2) for i in mb]
+    again = [i for s in range(5) for mb in micro_batches(s, cfg, n, world=2) for i in mb]
+    assert one == again
+    # a stream of epochs: each run of n positions is a permutation, and they differ
+    epochs = [one[k:k + n] for k in range(0, 5 * 12 - n + 1, n)]
+    assert all(sorted(e) == list(range(n)) for e in epochs) and epochs[0] != epochs[1]
+    # 2 ranks x 2 quads see exactly what 1 process x 4 quads sees
+    wide = TrainConfig(batch_quads=4, grad_accum=3, seed=7)
+    assert one == [i for s in range(5) for mb in micro_batches(s, wide, n) for i in mb]
+    # another seed, another order
+    other = TrainConfig(batch_quads=2, grad_accum=3, seed=8)
+    assert one != [i for s in range(5) for mb in micro_batches(s, other, n, world=2) for i in mb]
+
+
+def test_fsdp2_at_world_size_one_equals_the_plain_loop(tied_llama, tmp_path):
+    """--fsdp without torchrun: a one-process group on an in-memory store, same trajectory."""
+    single(tied_llama, tmp_path / "plain", batch_quads=2, save_final=False)
+    single(tied_llama, tmp_path / "fsdp", batch_quads=2, fsdp=True, save_final=False)
+    assert_same_run(tmp_path / "fsdp", tmp_path / "plain", rtol=1e-6)
+    assert not dist.is_initialized()  # the group made for the run is gone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton loss under FSDP2 in bf16")
+def test_fsdp2_single_gpu_with_the_triton_loss_matches_the_plain_loop(tied_llama, tmp_path):
+    kw = dict(batch_quads=2, save_final=False, device="cuda", loss_impl="triton")
+    single(tied_llama, tmp_path / "plain", **kw)
+    single(tied_llama, tmp_path / "fsdp", fsdp=True, **kw)
+    ra, rb = metrics(tmp_path / "fsdp"), metrics(tmp_path / "plain")
+    for x, y in zip(ra, rb, strict=True):  # bf16 autocast on both; FSDP2 gathers bf16 weights, reduces in fp32
+        for key in ("loss", "nll", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=2e-2), (x["step"], key)
