@@ -70,6 +70,9 @@ def setup(device: str, *, need_group: bool = False) -> tuple[Dist, torch.device]
     if world == 1 and not need_group and not dist.is_initialized():
         return SINGLE, torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} GPU(s): "
+                           "--nproc-per-node must not exceed the GPUs per node (or pass --device cpu)")
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)

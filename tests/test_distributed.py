@@ -35,7 +35,7 @@ STEPS = 4
 # Margins are beta x differences of fp32 sequence log-probs near -500 nats, whose rounding
 # (~3e-5) a different summation order moves: 1e-5 absolute after beta = 0.1.
 MARGIN_ABS = 1e-5
-COMMON = dict(max_quads=6, max_steps=STEPS, max_length=96, lr=1e-3, warmup_steps=1, save_every=2)
+COMMON = dict(device="cpu", max_quads=6, max_steps=STEPS, max_length=96, lr=1e-3, warmup_steps=1, save_every=2)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_fsdp2_at_world_size_one_equals_the_plain_loop(tied_llama, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton loss under FSDP2 in bf16")
 def test_fsdp2_single_gpu_with_the_triton_loss_matches_the_plain_loop(tied_llama, tmp_path):
-    kw = dict(batch_quads=2, save_final=False, device="cuda", loss_impl="triton")
+    kw = dict(batch_quads=2, save_final=False, loss_impl="triton", device="cuda")
     single(tied_llama, tmp_path / "plain", **kw)
     single(tied_llama, tmp_path / "fsdp", fsdp=True, **kw)
     ra, rb = metrics(tmp_path / "fsdp"), metrics(tmp_path / "plain")
