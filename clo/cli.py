@@ -47,6 +47,7 @@ TRAIN_HELP = {
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "max_grad_norm": "gradient clipping norm",
     "device": "auto, cpu or cuda",
+    "dist_timeout_min": "minutes a collective may wait (other ranks wait while rank 0 writes a checkpoint)",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; launch with torchrun "
             "for several processes",
     "grad_checkpointing": "auto (on for CUDA), on or off",

@@ -28,6 +28,7 @@ How the work is split, and why:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -57,12 +58,14 @@ class Dist:
 SINGLE = Dist()
 
 
-def setup(device: str, *, need_group: bool = False) -> tuple[Dist, torch.device]:
+def setup(device: str, *, need_group: bool = False, timeout_min: float = 30) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR...); NCCL on CUDA, gloo on the CPU.
 
     Without torchrun a plain process runs alone; ``need_group`` (FSDP2 needs a mesh even on
-    one GPU) then makes a one-process group on an in-memory store."""
+    one GPU) then makes a one-process group on an in-memory store. ``timeout_min`` bounds every
+    collective: the other ranks wait in one while rank 0 writes a checkpoint, which for a
+    large model under FSDP2 (full state gathered to one file) can take minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
@@ -70,21 +73,27 @@ def setup(device: str, *, need_group: bool = False) -> tuple[Dist, torch.device]
     if world == 1 and not need_group and not dist.is_initialized():
         return SINGLE, torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda and local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} GPU(s): "
-                           "--nproc-per-node must not exceed the GPUs per node (or pass --device cpu)")
-    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cuda and gpus > 1 and local_rank >= gpus:
+        raise RuntimeError(f"LOCAL_RANK {local_rank}, but this node has {gpus} GPUs: --nproc-per-node must not "
+                           "exceed the GPUs per node (or pass --device cpu)")
+    # one visible GPU: a launcher that gives each process its own (CUDA_VISIBLE_DEVICES per rank)
+    dev = torch.device("cuda", local_rank if gpus > 1 else 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     owns = not dist.is_initialized()
     if owns:
         where = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None, **where)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(minutes=timeout_min), **where)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns), dev
 
 
-def teardown(d: Dist) -> None:
-    if d.owns_group and dist.is_initialized():
+def teardown(d: Dist, *, failed: bool = False) -> None:
+    """Destroy the group this module made. After an exception on a multi-process run, leave it:
+    destroy_process_group waits for the peers' outstanding collectives, which may never come,
+    while exiting lets torchrun see the failure and stop the other ranks."""
+    if d.owns_group and dist.is_initialized() and not (failed and d.world > 1):
         dist.destroy_process_group()
 
 

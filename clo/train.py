@@ -93,6 +93,7 @@ class TrainConfig:
     # machine
     device: str = "auto"                # auto | cpu | cuda
     fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP; torchrun sets the world
+    dist_timeout_min: float = 30        # collectives wait this long (rank 0 writing a checkpoint, say)
     grad_checkpointing: str = "auto"    # auto (on for CUDA) | on | off
     # output
     output_dir: str = "runs/clo"
@@ -127,6 +128,7 @@ class TrainConfig:
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.warmup_steps >= 0 and self.save_every >= 0, "warmup_steps and save_every must be >= 0")
+        need(self.dist_timeout_min > 0, f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
         need(not (self.fsdp and self.merge_lora), "merge_lora with fsdp is not supported: train with --fsdp, "
              "then merge the saved adapters in one process (peft's merge_and_unload)")
         from .translate import LANGUAGES
@@ -259,7 +261,7 @@ class Objective(nn.Module):
 
 @torch.no_grad()
 def reference_logps(objective: nn.Module, encoded: list[D.Encoded], *, cfg: TrainConfig,
-                    desc="reference log-probs") -> torch.Tensor:
+                    desc="reference log-probs", progress: bool | None = None) -> torch.Tensor:
     """(Q, 4) fp32 sequence log-probs of the (still untrained) ``Objective`` for every quad, in
     batches of similar lengths (less padding)."""
     from tqdm.auto import tqdm
@@ -267,7 +269,8 @@ def reference_logps(objective: nn.Module, encoded: list[D.Encoded], *, cfg: Trai
     out = torch.empty(len(encoded), 4)
     bs = max(cfg.batch_quads, 4)
     order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i].input_ids)))
-    for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not cfg.progress, leave=False):
+    show = cfg.progress if progress is None else progress
+    for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not show, leave=False):
         idx = order[start:start + bs]
         batch = D.collate([encoded[i] for i in idx], pad_id=0, layout=cfg.layout)
         out[idx] = objective(batch, logps_only=True).cpu().view(-1, 4)
@@ -307,7 +310,7 @@ def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: T
         t0 = time.perf_counter()
         by_length = sorted(missing, key=lambda i: max(map(len, encoded[i].input_ids)))
         mine = DD.shard_evenly(by_length, d)
-        values = reference_logps(objective, [encoded[i] for i in mine], cfg=cfg)
+        values = reference_logps(objective, [encoded[i] for i in mine], cfg=cfg, progress=cfg.progress and d.main)
         on = device or torch.device("cpu")
         idx = DD.all_gather_cat(torch.tensor(mine, device=on), d).cpu()
         ref[idx] = DD.all_gather_cat(values.to(on), d).cpu()
@@ -395,10 +398,13 @@ def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, 
     if meta["fingerprints"] != fingerprints:
         raise ValueError(f"--resume: the checkpoint in {out} was trained on another model or data "
                          f"({meta['fingerprints']} vs {fingerprints})")
-    if (meta["world_size"] or 1) != d.world:
-        raise ValueError(f"--resume: the checkpoint in {out} was written at world size {meta['world_size'] or 1}, "
+    if meta["world_size"] is None:
+        raise ValueError(f"--resume: the checkpoint in {out} predates distributed training (no world_size; its "
+                         "optimizer state is keyed by index and its data order differs); start a new run")
+    if meta["world_size"] != d.world:
+        raise ValueError(f"--resume: the checkpoint in {out} was written at world size {meta['world_size']}, "
                          f"this run has {d.world}: the data order depends on it; resume with "
-                         f"--nproc-per-node/--nnodes giving {meta['world_size'] or 1} processes")
+                         f"--nproc-per-node/--nnodes giving {meta['world_size']} processes")
     weights = {_LM + n: w for n, w in state["trainable"].items()} if d.main else {}
     DD.load_trainable_state(model, optimizer, weights, state["optimizer"] if d.main else {}, d)
     scheduler.load_state_dict(meta["scheduler"])
@@ -481,11 +487,14 @@ def train(cfg: TrainConfig) -> dict:
     """Run CLO training; returns a summary (final metrics, paths). Under torchrun, every rank
     calls this; rank 0 writes the files and returns the summary the others return too."""
     cfg.check()
-    d, device = DD.setup(cfg.device, need_group=cfg.fsdp)
+    d, device = DD.setup(cfg.device, need_group=cfg.fsdp, timeout_min=cfg.dist_timeout_min)
     try:
-        return _train(cfg, d, device)
-    finally:
-        DD.teardown(d)
+        summary = _train(cfg, d, device)
+    except BaseException:
+        DD.teardown(d, failed=True)
+        raise
+    DD.teardown(d)
+    return summary
 
 
 def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
@@ -525,6 +534,11 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
         needed = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(encoded),
                                                                                     world=d.world) for i in mb})
         ref = cached_reference(objective, encoded, needed, cfg=cfg, fingerprints=fingerprints, d=d, device=device)
+        if hasattr(objective, "reshard"):
+            # FSDP2 keeps the root's weights gathered after a forward (the backward would need them);
+            # after this no-grad pass nothing will: free them, and give resume sharded parameters to
+            # load into (set_model_state_dict fails on gathered ones).
+            objective.reshard()
     objective.train()
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")

@@ -118,6 +118,13 @@ def test_resume_at_another_world_size_is_refused(runs, tied_llama, tmp_path):
     shutil.copytree(runs / "ddp", cut)
     with pytest.raises(ValueError, match="written at world size 2, this run has 1"):
         single(tied_llama, cut, batch_quads=1, resume=True, save_final=False)
+    # a checkpoint from before distributed training (no world size; optimizer keyed by index)
+    state_pt = cut / "checkpoints" / f"step-{STEPS:07d}" / "state.pt"
+    state = torch.load(state_pt, weights_only=False)
+    del state["world_size"]
+    torch.save(state, state_pt)
+    with pytest.raises(ValueError, match="predates distributed training"):
+        single(tied_llama, cut, batch_quads=2, resume=True, save_final=False)
 
 
 def test_fsdp2_two_ranks_equal_one_process_and_save_a_loadable_model(tied_llama, tmp_path):
@@ -138,9 +145,11 @@ def test_fsdp2_two_ranks_equal_one_process_and_save_a_loadable_model(tied_llama,
     base = AutoModelForCausalLM.from_pretrained(tied_llama).state_dict()
     assert not torch.equal(a["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
 
-    # and its checkpoint resumes at 2 ranks
+    # and its checkpoint resumes at 2 ranks, also when the reference pass runs again first (no
+    # cache): FSDP2 leaves the root's weights gathered after a forward, which loading must survive
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "fsdp", cut)
+    shutil.rmtree(cut / "cache")
     shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:07d}")
     (cut / "checkpoints" / "LATEST").write_text("step-0000002")
     torchrun(cut, "--fsdp", "--resume", model=tied_llama, batch_quads=1, trainable="all", save_final=False, **COMMON)
