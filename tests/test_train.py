@@ -122,10 +122,12 @@ def test_grad_accumulation_equals_one_big_batch(llama_dir, tmp_path):
     # Same 4 quads per step: one micro-batch of 4, or 4 micro-batches of 1 (global denominators).
     a = train(cfg_for(llama_dir, tmp_path / "a", max_steps=2, batch_quads=4, grad_accum=1))
     b = train(cfg_for(llama_dir, tmp_path / "b", max_steps=2, batch_quads=1, grad_accum=4))
-    # the data is one stream of epochs, so both see the same 4 quads at every step
+    # the data is one stream of epochs, so both see the same 4 quads at every step. Margins are
+    # beta x differences of fp32 sums near -500 nats: their rounding (~3e-5) times 0.1 bounds them.
     for ra, rb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=True):
         for key in ("loss", "nll", "rewards/margins", "logps/chosen", "grad_norm"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-5 if key == "rewards/margins" else 1e-7), \
+                (ra["step"], key)
     assert a["final"]["step"] == b["final"]["step"] == 2
 
 
