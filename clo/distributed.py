@@ -21,6 +21,8 @@ How the work is split, and why:
   FSDP2 the lm_head weight is the all-gathered full weight while the loss runs, and its
   gradient is reduce-scattered back to the shards by FSDP itself. The loss never sees a shard,
   and no second full copy is kept.
+- Under FSDP2 only rank 0 reads the weights; the other ranks build the model on the meta
+  device and receive their shards from rank 0 after ``fully_shard``.
 - Checkpoints hold full (unsharded) trainable weights and optimizer state, gathered to rank 0
   and broadcast back on resume; only rank 0 writes files.
 """
@@ -230,6 +232,20 @@ def load_trainable_state(module: nn.Module, optimizer, weights: dict, optim: dic
     many = d.active and d.world > 1
     set_model_state_dict(module, weights, options=_options(strict=False, broadcast_from_rank0=many))
     set_optimizer_state_dict(module, optimizer, optim, options=_options(broadcast_from_rank0=many))
+
+
+def fill_from_rank0(module: nn.Module, full_state: dict, *, d: Dist, device: torch.device) -> None:
+    """After ``fully_shard``: ranks other than 0 built the model on the meta device (so a node
+    holds one host copy of the weights, not one per GPU); give them real shards, filled from
+    rank 0's full ``state_dict`` (taken before wrapping; CPU tensors). Buffers, which include
+    non-persistent ones (rotary tables) outside any state dict, are broadcast as they are."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if not d.main:
+        module.to_empty(device=device)
+    set_model_state_dict(module, full_state if d.main else {}, options=_options(broadcast_from_rank0=True))
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def full_model_state(module: nn.Module) -> dict:

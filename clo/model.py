@@ -60,10 +60,14 @@ def resolve_model(spec: str | None) -> str:
     return str(spec)
 
 
-def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               empty: bool = False):
     """(model, tokenizer) from a hub name, a local folder, or a .gguf file (dequantised by
-    transformers through the ``gguf`` package). None loads the embedded default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers through the ``gguf`` package). None loads the embedded default.
+
+    ``empty``: the architecture only, on the meta device (no weights read, no memory): FSDP2
+    ranks other than 0 fill their shards from rank 0's weights (``distributed.fill_from_rank0``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
     kwargs = {}
@@ -73,7 +77,11 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
         kwargs["gguf_file"] = Path(path).name
         path = str(Path(path).parent)
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    if empty:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **kwargs)).to(dtype).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -504,14 +504,18 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
 
-    # FSDP2 loads on the CPU and fully_shard moves each rank's shards to its GPU.
-    model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device)
+    # FSDP2: rank 0 reads the weights into host memory, the others build the model on the meta
+    # device; fully_shard moves the shards to each GPU and rank 0's weights fill them (below).
+    meta = cfg.fsdp and d.world > 1 and not d.main
+    model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
     encoded, reports = load_training_data(cfg, tokenizer)
     for r in reports if d.main else ():
         log.info("data: %s", r.summary())
         for ex in r.examples:
             log.warning("dropped %s", ex)
-    fingerprints = {"model": model_fingerprint(model), "data": D.fingerprint(encoded)}
+    model_key = None if meta else model_fingerprint(model)
+    fingerprints = {"model": DD.broadcast_object(model_key, d) if cfg.fsdp else model_key,
+                    "data": D.fingerprint(encoded)}
     DD.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
 
     model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
@@ -522,8 +526,12 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
     log.info("training %s parameters of %s (%.1f%%): %s; %d process(es), %s", f"{n_train:,}", f"{n_total:,}",
              100 * n_train / n_total, cfg.trainable, d.world, "FSDP2" if cfg.fsdp else "DDP" if d.world > 1 else
              "single")
-    objective = DD.wrap(Objective(model, cfg=cfg, amp_dtype=amp_dtype), d=d, fsdp=cfg.fsdp, device=device,
-                        amp_dtype=amp_dtype)
+    objective = Objective(model, cfg=cfg, amp_dtype=amp_dtype)
+    full_state = objective.state_dict() if cfg.fsdp and d.world > 1 and d.main else {}  # references, no copy
+    objective = DD.wrap(objective, d=d, fsdp=cfg.fsdp, device=device, amp_dtype=amp_dtype)
+    if cfg.fsdp and d.world > 1:
+        DD.fill_from_rank0(objective, full_state, d=d, device=device)
+        del full_state
     params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
 
     # Reference log-probs: the model has not changed yet (LoRA's B starts at zero).
