@@ -260,6 +260,11 @@ class Encoded:
     def num_tokens(self) -> int:
         return sum(len(x) for x in self.input_ids)
 
+    @property
+    def longest(self) -> int:
+        """Tokens in its longest sequence: the padded width it needs (batches sort by it)."""
+        return max(map(len, self.input_ids))
+
 
 def encode_pair(tokenizer, prompt: str, response: str, *, max_length: int, name: str = "row"):
     """(input_ids, labels, truncated) for one prompt/response in the tokenizer's chat template.

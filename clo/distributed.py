@@ -52,10 +52,6 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
 
 SINGLE = Dist()
 
@@ -158,7 +154,7 @@ def sync_gradients(module: nn.Module, last: bool):
 
 
 def broadcast_object(obj, d: Dist):
-    if not d.active or d.world == 1:
+    if d.world == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -167,7 +163,7 @@ def broadcast_object(obj, d: Dist):
 
 def check_same(value, d: Dist, what: str) -> None:
     """Fail on every rank when the ranks disagree (different files or models per node)."""
-    if not d.active or d.world == 1:
+    if d.world == 1:
         return
     values = [None] * d.world
     dist.all_gather_object(values, value)
@@ -176,14 +172,14 @@ def check_same(value, d: Dist, what: str) -> None:
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
-    if d.active and d.world > 1:
+    if d.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t
 
 
 def all_gather_cat(t: torch.Tensor, d: Dist) -> torch.Tensor:
     """Concatenate equal-shaped tensors from all ranks (rank order) on every rank."""
-    if not d.active or d.world == 1:
+    if d.world == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(d.world)]
     dist.all_gather(parts, t.contiguous())
@@ -211,7 +207,7 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def trainable_state(module: nn.Module, optimizer, d: Dist) -> tuple[dict, dict]:
+def trainable_state(module: nn.Module, optimizer) -> tuple[dict, dict]:
     """(trainable weights, optimizer state), full and on the CPU, keyed by parameter name.
     A collective under FSDP2: every rank calls it; rank 0 holds the result."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -229,7 +225,7 @@ def load_trainable_state(module: nn.Module, optimizer, weights: dict, optim: dic
     """The inverse of ``trainable_state``: rank 0 passes the saved dicts, the others empty ones."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    many = d.active and d.world > 1
+    many = d.world > 1
     set_model_state_dict(module, weights, options=_options(strict=False, broadcast_from_rank0=many))
     set_optimizer_state_dict(module, optimizer, optim, options=_options(broadcast_from_rank0=many))
 

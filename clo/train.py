@@ -243,13 +243,14 @@ class Objective(nn.Module):
     def __init__(self, lm: nn.Module, *, cfg: TrainConfig, amp_dtype):
         super().__init__()
         self.lm = lm
+        self.split = M.split_lm(lm)  # module references: FSDP2 swaps their parameters, not the modules
         self.cfg = cfg
         self.amp_dtype = amp_dtype
 
     def forward(self, batch: dict, *, ref_logps=None, num_pairs: int = 1, num_nll_tokens: int = 1,
                 logps_only: bool = False):
         """The micro-batch's CLO loss (``ck.CLOOutput``), or its (S,) sequence log-probs."""
-        split = M.split_lm(self.lm)
+        split = self.split
         if logps_only:
             return batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
         if ref_logps is None and self.cfg.method != "sft":  # --ref online: the LoRA model, adapters off
@@ -268,7 +269,7 @@ def reference_logps(objective: nn.Module, encoded: list[D.Encoded], *, cfg: Trai
 
     out = torch.empty(len(encoded), 4)
     bs = max(cfg.batch_quads, 4)
-    order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i].input_ids)))
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].longest)
     show = cfg.progress if progress is None else progress
     for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not show, leave=False):
         idx = order[start:start + bs]
@@ -308,7 +309,7 @@ def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: T
     log.info("reference log-probs: %d quads needed, %d cached in %s", len(needed), len(needed) - len(missing), path)
     if missing:
         t0 = time.perf_counter()
-        by_length = sorted(missing, key=lambda i: max(map(len, encoded[i].input_ids)))
+        by_length = sorted(missing, key=lambda i: encoded[i].longest)
         mine = DD.shard_evenly(by_length, d)
         values = reference_logps(objective, [encoded[i] for i in mine], cfg=cfg, progress=cfg.progress and d.main)
         on = device or torch.device("cpu")
@@ -351,7 +352,7 @@ def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, finger
                     d: DD.Dist = DD.SINGLE) -> Path | None:
     """Full trainable weights and optimizer state (gathered from the shards under FSDP2: every
     rank calls this), written by rank 0 only; ``model`` is the (wrapped) Objective."""
-    weights, optim = DD.trainable_state(model, optimizer, d)
+    weights, optim = DD.trainable_state(model, optimizer)
     if not d.main:
         return None
     root = out / "checkpoints"
@@ -506,7 +507,8 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
 
     # FSDP2: rank 0 reads the weights into host memory, the others build the model on the meta
     # device; fully_shard moves the shards to each GPU and rank 0's weights fill them (below).
-    meta = cfg.fsdp and d.world > 1 and not d.main
+    from_rank0 = cfg.fsdp and d.world > 1
+    meta = from_rank0 and not d.main
     model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
     encoded, reports = load_training_data(cfg, tokenizer)
     for r in reports if d.main else ():
@@ -527,9 +529,9 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
              100 * n_train / n_total, cfg.trainable, d.world, "FSDP2" if cfg.fsdp else "DDP" if d.world > 1 else
              "single")
     objective = Objective(model, cfg=cfg, amp_dtype=amp_dtype)
-    full_state = objective.state_dict() if cfg.fsdp and d.world > 1 and d.main else {}  # references, no copy
+    full_state = objective.state_dict() if from_rank0 and d.main else {}  # references, no copy
     objective = DD.wrap(objective, d=d, fsdp=cfg.fsdp, device=device, amp_dtype=amp_dtype)
-    if cfg.fsdp and d.world > 1:
+    if from_rank0:
         DD.fill_from_rank0(objective, full_state, d=d, device=device)
         del full_state
     params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
@@ -605,7 +607,7 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        keys = sorted(sums)  # every rank's share of the step, summed: one collective per step
+        keys = sorted(sums)  # every rank's share of the step, summed in one all-reduce (the peak: a max)
         totals = DD.all_reduce(torch.stack([torch.as_tensor(sums[key], dtype=torch.float32, device=device).reshape(())
                                             for key in keys] + [torch.tensor(float(tokens), device=device)]), d)
         peak = DD.all_reduce(torch.tensor(peak_memory_mb(device), device=device), d, op="max")
@@ -632,7 +634,9 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
         if d.main:
             # named_parameters lists a tied weight once, as save_pretrained's own state dict would
             names = {*dict(model.named_parameters()), *dict(model.named_buffers())}
-            state = None if full is None else {n[len(_LM):]: w for n, w in full.items() if n[len(_LM):] in names}
+            state = None
+            if full is not None:
+                state = {n.removeprefix(_LM): w for n, w in full.items() if n.removeprefix(_LM) in names}
             summary["final_model"] = str(save_final_model(model, tokenizer, out / "final", merge_lora=cfg.merge_lora,
                                                           state_dict=state))
     if logger is not None:

@@ -10,7 +10,6 @@ a checkpoint written at 2 ranks resumes at 2 ranks on the same trajectory. The r
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ pytest.importorskip("datasets")
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from trainer_fixtures import save_model, smollm2_tokenizer, tiny_llama
+from trainer_fixtures import metrics, save_model, smollm2_tokenizer, tiny_llama
 
 from clo.train import TrainConfig, load_checkpoint, train
 
@@ -62,12 +61,16 @@ def single(model: str, out: Path, **kw) -> dict:
     return train(TrainConfig(model=model, output_dir=str(out), progress=False, **{**COMMON, **kw}))
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def weights(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=False)["trainable"]
+
+
+def cut_back(run: Path, to: Path, *, step: int = 2) -> Path:
+    """A copy of ``run`` as if killed after its step-``step`` checkpoint."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / f"step-{STEPS:07d}")
+    (to / "checkpoints" / "LATEST").write_text(f"step-{step:07d}")
+    return to
 
 
 def assert_same_run(a: Path, b: Path, *, rtol: float) -> None:
@@ -105,10 +108,7 @@ def test_ddp_two_ranks_equal_one_process_on_the_global_batch(runs):
 
 def test_ddp_checkpoint_resumes_at_two_ranks(runs, tied_llama, tmp_path):
     # The 2-rank run, cut back to its step-2 checkpoint (as if killed during step 3), resumed at 2 ranks.
-    cut = tmp_path / "cut"
-    shutil.copytree(runs / "ddp", cut)
-    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:07d}")
-    (cut / "checkpoints" / "LATEST").write_text("step-0000002")
+    cut = cut_back(runs / "ddp", tmp_path / "cut")
     torchrun(cut, "--resume", model=tied_llama, batch_quads=1, save_final=False, **COMMON)
     assert_same_run(cut, runs / "ddp", rtol=1e-6)
 
@@ -147,11 +147,8 @@ def test_fsdp2_two_ranks_equal_one_process_and_save_a_loadable_model(tied_llama,
 
     # and its checkpoint resumes at 2 ranks, also when the reference pass runs again first (no
     # cache): FSDP2 leaves the root's weights gathered after a forward, which loading must survive
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "fsdp", cut)
+    cut = cut_back(tmp_path / "fsdp", tmp_path / "cut")
     shutil.rmtree(cut / "cache")
-    shutil.rmtree(cut / "checkpoints" / f"step-{STEPS:07d}")
-    (cut / "checkpoints" / "LATEST").write_text("step-0000002")
     torchrun(cut, "--fsdp", "--resume", model=tied_llama, batch_quads=1, trainable="all", save_final=False, **COMMON)
     assert_same_run(cut, tmp_path / "fsdp", rtol=1e-6)
 

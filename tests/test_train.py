@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from conftest import DEVICE
-from trainer_fixtures import save_model, smollm2_tokenizer, tiny_llama
+from trainer_fixtures import metrics, save_model, smollm2_tokenizer, tiny_llama
 
 import clo.data as D
 import clo.model as M
@@ -55,10 +55,6 @@ def cfg_for(model_dir, out, **kw) -> TrainConfig:
                 lr=1e-3, warmup_steps=1, progress=False, save_final=False)
     base.update(kw)
     return TrainConfig(**base)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_on_a_fixed_batch(llama_dir, tmp_path):

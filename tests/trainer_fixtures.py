@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,11 @@ def tiny_llama(vocab_size: int, *, hidden_size: int = 32, num_layers: int = 2, s
                          tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def metrics(out) -> list[dict]:
+    """The rows of a training run's metrics.jsonl."""
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def save_model(model, tokenizer, path: Path) -> str:
