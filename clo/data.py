@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 QUAD_FIELDS = ("prompt_en", "response_en", "prompt_tgt", "response_tgt")
@@ -35,7 +37,7 @@ DEMO_LANG = "de"
 IGNORE = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data row (or a whole source) that cannot be used; the message names the row."""
 
 
