@@ -136,6 +136,9 @@ def prepare_batch(
         raise ValueError(f"hidden must be (S, T, D) or packed (N, D), got shape {tuple(hidden.shape)}")
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
+    # The kernels index labels and seq_ids as dense (N,) arrays; a strided view of a wider tensor
+    # would otherwise be read as if contiguous. (N,) integers: the copy, when needed, is cheap.
+    labels, seq = labels.contiguous(), seq.contiguous()
 
     valid = labels != ignore_index
     if validate:

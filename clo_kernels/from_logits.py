@@ -35,12 +35,18 @@ def _backward_torch_into(dl, logits, labels, lse, grad, softcap) -> None:
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         z, t = capped(logits[s:e], softcap)
+        out = dl[s:e]
+        if z.data_ptr() == logits[s:e].data_ptr() and dl is not logits:
+            # fp32 logits without softcap: z is the caller's tensor itself, and the in-place
+            # steps below must not write into it. dl's rows serve as the scratch instead.
+            z = out.copy_(z)
         g = grad[s:e].float()
         dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
         dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])
         if t is not None:
             dz.mul_(1.0 - t * t)
-        dl[s:e] = dz
+        if dz.data_ptr() != out.data_ptr():
+            out.copy_(dz)
 
 
 class _LogitsLogProb(torch.autograd.Function):

@@ -32,6 +32,7 @@ filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does. Measured o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -264,6 +265,18 @@ def check_device(t: torch.Tensor) -> None:
     raise RuntimeError(f"impl='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got {t.device}")
 
 
+def on_tensor_device(fn):
+    """Run ``fn`` with its first argument's CUDA device current: Triton launches on the current
+    device, so a tensor on cuda:1 while cuda:0 is current would be read through the wrong GPU."""
+
+    @functools.wraps(fn)
+    def wrapped(first, *args, **kwargs):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return fn(first, *args, **kwargs)
+
+    return wrapped
+
+
 def _kernel_flags(hidden: torch.Tensor, bias, opts: LogProbOptions) -> dict:
     return dict(
         HAS_BIAS=bias is not None,
@@ -274,6 +287,7 @@ def _kernel_flags(hidden: torch.Tensor, bias, opts: LogProbOptions) -> dict:
     )
 
 
+@on_tensor_device
 def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
     N, D = hidden.shape
     V = weight.shape[0]
@@ -320,6 +334,7 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+@on_tensor_device
 def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
     """dz for a chunk of labelled tokens into a [chunk, V] buffer of at most opts.stage_bytes,
     then dh[chunk] = dz @ W and dW += dz^T @ h[chunk] as cuBLAS products (fp32 dW)."""
@@ -356,6 +371,7 @@ def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
     return dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None
 
 
+@on_tensor_device
 def _backward_atomic(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
     """One launch over all tiles, fp32 atomics into dh and dW, negligible tiles skipped."""
     N, D = hidden.shape
@@ -411,6 +427,8 @@ def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProb
     if opts.backward not in _BACKWARDS:
         raise ValueError(f"options.backward must be one of {tuple(_BACKWARDS)}, got {opts.backward!r}")
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    # The kernels read bias as a dense (V,) array (a strided view would be misread).
+    bias = None if bias is None else bias.contiguous()
     # Labelled tokens first, in their original order; the count stays on the device.
     rows = torch.argsort((~valid).to(torch.uint8), stable=True)
     n_valid = valid.sum(dtype=torch.int32).reshape(1)

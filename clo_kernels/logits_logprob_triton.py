@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob_triton import INTERPRETED, _tanh, check_device
+from .linear_logprob_triton import INTERPRETED, _tanh, check_device, on_tensor_device
 
 
 @triton.jit
@@ -77,6 +77,7 @@ def _launch_cfg():
     return (32, 256, 1) if INTERPRETED else (16, 1024, 8)
 
 
+@on_tensor_device
 def forward(logits, labels, softcap):
     """(logp, lse), each (N,) fp32, of logits (N, V)."""
     check_device(logits)
@@ -90,6 +91,7 @@ def forward(logits, labels, softcap):
     return logp, lse
 
 
+@on_tensor_device
 def backward_into(dl, logits, labels, lse, grad, softcap) -> None:
     """dl (N, V) = dL/dlogits for per-token gradients grad (N,); dl may be logits itself."""
     N, V = logits.shape

@@ -23,7 +23,7 @@ def sequences(hidden, labels, seq_ids):
 def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps=None, seq_ids=None,
            beta=0.1, nll_weight=0.5, bias=None, softcap=None, shift=False, ignore_index=-100,
            average_logps=False, num_pairs=None, num_nll_tokens=None):
-    """Returns (loss, logps (S,), metrics dict of floats); differentiable in float64."""
+    """Returns (loss, logps (S,), metrics dict of floats); loss and logps differentiable in float64."""
     W = weight.double()
     b = bias.double() if bias is not None else None
     logps, sums, counts = [], [], []
@@ -69,4 +69,4 @@ def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps
         "logps/rejected": logps.detach()[rejected].mean().item(),
         "nll": nll.item() if nll_mask is not None else float("nan"),
     }
-    return loss, logps.detach(), metrics
+    return loss, logps, metrics

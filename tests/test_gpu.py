@@ -75,3 +75,28 @@ def test_triton_memory_is_inputs_and_gradients_only():
     stage = ck.LogProbOptions().stage_bytes
     assert extra < grads_bf16 + accum_fp32 + stage + 256 * 2**20, extra / 2**20
     assert extra < N * V * 2  # one bf16 [N, V] logits tensor would be 4 GiB here
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a tensor off the current device")
+@pytest.mark.parametrize("backward", ["staged", "atomic"])
+def test_tensors_on_another_gpu_run_there(backward):
+    """Triton launches on the current device; the kernels must follow their tensors to cuda:1."""
+    from helpers import make_case
+
+    b = make_case(device="cuda:1", S=8, T=33, D=64, V=1000, bias=True, ref=True)
+    kw = {k: v for k, v in b.items() if k not in ("hidden", "weight", "labels")}
+    with torch.cuda.device(0):
+        out = ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], shift=True, impl="triton",
+                                       options=ck.LogProbOptions(backward=backward), **kw)
+        got = torch.autograd.grad(out.loss, [b["hidden"], b["weight"], b["bias"]])
+        logits = (b["hidden"] @ b["weight"].T + b["bias"]).detach().requires_grad_()
+        from_logits = ck.clo_loss_from_logits(logits, b["labels"], shift=True, impl="triton", **kw)
+        (g_logits,) = torch.autograd.grad(from_logits.loss, logits)
+    want = ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], shift=True, impl="reference", **kw)
+    want_g = torch.autograd.grad(want.loss, [b["hidden"], b["weight"], b["bias"]])
+    assert out.loss.device == torch.device("cuda:1")
+    assert out.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    assert from_logits.loss.item() == pytest.approx(want.loss.item(), rel=1e-5)
+    for a, w in zip(got, want_g, strict=True):
+        assert rel_err(a, w) < 1e-4
+    assert g_logits.device == torch.device("cuda:1")
