@@ -16,6 +16,8 @@ import types
 import typing
 from pathlib import Path
 
+from .errors import UserError
+
 CHOICES = {
     "method": ("clo", "sft", "dpo"), "trainable": ("attention", "lora", "all"), "ref": ("precompute", "online"),
     "loss_impl": ("auto", "triton", "torch", "reference"), "layout": ("packed", "padded"),
@@ -93,14 +95,19 @@ def build_config(cls, args: argparse.Namespace):
     if getattr(args, "config", None):
         import yaml
 
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except OSError as err:
+            raise UserError(f"--config {args.config}: cannot be read: {err.strerror or err}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"--config {args.config}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
-            raise SystemExit(f"--config {args.config}: expected a mapping of options, got {type(loaded).__name__}")
+            raise UserError(f"--config {args.config}: expected a mapping of options, got {type(loaded).__name__}")
         values = {k.replace("-", "_"): v for k, v in loaded.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"--config {args.config}: unknown option(s) {unknown}")
+            raise UserError(f"--config {args.config}: unknown option(s) {unknown}")
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
@@ -154,8 +161,23 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to bench_loss.py (argparse.REMAINDER drops flags)
-        return _bench(argv[1:])
+        return _user_errors("bench", _bench, argv[1:])
     args = parser.parse_args(argv)
+    return _user_errors(args.command, _run, args)
+
+
+def _user_errors(command: str, fn, *args) -> int:
+    """fn(*args), with a UserError shown as argparse shows a bad flag: one line on stderr,
+    exit code 2. Any other exception is a bug and keeps its traceback."""
+    try:
+        return fn(*args)
+    except UserError as err:
+        message = " ".join(str(err).splitlines()) or type(err).__name__
+        print(f"clo {command}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks, unless something goes wrong
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             final = Path(args.output_dir) / "final"
             if not final.exists():
-                raise SystemExit(f"clo eval: no --model and no trained model in {final}; run `clo train` first")
+                raise UserError(f"no --model and no trained model in {final}; run `clo train` first")
             model = str(final)
         baseline = args.baseline
         if baseline is None:  # the model the run in --output-dir started from
@@ -198,7 +220,7 @@ def _bench(rest: list[str]) -> int:
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
     if not script.exists():
-        raise SystemExit(f"clo bench needs a source checkout: {script} not found")
+        raise UserError(f"needs a source checkout: {script} not found")
     sys.argv = [str(script), *rest]
     try:
         runpy.run_path(str(script), run_name="__main__")

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from . import data as D
+from .errors import UserError
 from .translate import LANGUAGES, Translator, translate_rows
 
 log = logging.getLogger("clo.prepare")
@@ -30,7 +31,7 @@ def load_english(source: str, *, limit: int | None, prompt_field: str | None, re
 
 def prepare(args) -> Path:
     if args.target_lang not in LANGUAGES:
-        raise SystemExit(f"--target-lang {args.target_lang!r} is not a supported ISO 639-1 code; "
+        raise UserError(f"--target-lang {args.target_lang!r} is not a supported ISO 639-1 code; "
                          f"supported: {', '.join(sorted(LANGUAGES))}")
     rows, report = load_english(args.source, limit=args.limit, prompt_field=args.prompt_field,
                                 response_field=args.response_field, on_bad_row=args.on_bad_row)
@@ -38,7 +39,7 @@ def prepare(args) -> Path:
     for ex in report.examples:
         log.warning("dropped %s", ex)
     if not rows:
-        raise SystemExit(f"no usable English rows in {args.source}: {report.summary()}")
+        raise UserError(f"no usable English rows in {args.source}: {report.summary()}")
     out = Path(args.out)
     device = None if args.device == "auto" else args.device
     translator = Translator(args.translator, tgt_lang=args.target_lang, batch_size=args.batch_size,

@@ -1,9 +1,10 @@
-"""CLO data: sources through ``datasets``, bad rows, chat-template tokenisation, batch layouts,
-and the bundled demo set."""
+"""CLO data: local files (broken ones too) and sources through ``datasets``, bad rows,
+chat-template tokenisation, batch layouts, and the bundled demo set."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -58,7 +59,7 @@ def test_load_quads_names_bad_rows_and_counts_skipped_ones(tmp_path):
     rows = [good, {**good, "id": "b", "response_tgt": "   "}, {**good, "id": "c", "prompt_tgt": None},
             {**good, "id": "a"}]
     path = write_jsonl(tmp_path / "q.jsonl", rows)
-    with pytest.raises(D.DataError, match=r"row 1 \(id 'b'\): field 'response_tgt' \(response_tgt\) is empty"):
+    with pytest.raises(D.DataError, match=r"q.jsonl line 2 \(id 'b'\): field 'response_tgt' \(response_tgt\) is empty"):
         D.load_quads(path)
     quads, report = D.load_quads(path, on_bad_row="skip")
     assert [q.id for q in quads] == ["a"] and report.rows_in == 4 and report.kept == 1
@@ -67,6 +68,123 @@ def test_load_quads_names_bad_rows_and_counts_skipped_ones(tmp_path):
         D.load_quads(write_jsonl(tmp_path / "m.jsonl", [{k: v for k, v in good.items() if k != "response_tgt"}]))
     with pytest.raises(D.DataError, match="does not exist"):
         D.load_quads(tmp_path / "nope.jsonl")
+
+
+GOOD = dict(id="a", prompt_en="Hi", response_en="Hello there.", prompt_tgt="Hallo", response_tgt="Hallo du.")
+
+
+def line(row) -> bytes:
+    return json.dumps(row).encode() + b"\n"
+
+
+def bad_line_file(tmp_path, bad: bytes, name="q.jsonl"):
+    """Good row 'a' on line 1, the bad line on line 2, a blank line 3, good row 'c' on line 4."""
+    path = tmp_path / name
+    path.write_bytes(line(GOOD) + bad + b"\n\n" + line({**GOOD, "id": "c"}))
+    return path
+
+
+BAD_LINES = {
+    "malformed_json": (b'{"id": "b", "prompt_en": "Hi",', "malformed JSON", "Expecting property name"),
+    "truncated_json": (b'{"id": "b", "prompt_en": "Hi', "malformed JSON", "Unterminated string"),
+    "array": (b'["Hi", "Hello there."]', "not a JSON object", "got an array"),
+    "number": (b"42", "not a JSON object", "got a number"),
+    "invalid_utf8": (b'{"id": "b", "prompt_en": "caf\xe9 au lait"}', "invalid UTF-8", "byte 30 of the line"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_a_bad_line_names_file_and_line_or_is_dropped_and_counted(tmp_path, case):
+    bad, reason, detail = BAD_LINES[case]
+    path = bad_line_file(tmp_path, bad)
+    with pytest.raises(D.DataError, match=re.escape(f"{path} line 2: {reason}: ") + ".*" + re.escape(detail)):
+        D.load_quads(path, on_bad_row="error")
+    quads, report = D.load_quads(path, on_bad_row="skip")
+    assert [q.id for q in quads] == ["a", "c"]
+    assert report.rows_in == 3 and report.kept == 2 and report.dropped == Counter({reason: 1})
+    assert report.examples[0].startswith(f"{path} line 2: {reason}: ") and detail in report.examples[0]
+    assert f"dropped 1 ({reason})" in report.summary()
+    # the rows after a bad line keep their own line numbers; a bad line counts whatever the split
+    path.write_bytes(line({**GOOD, "split": "train"}) + bad + b"\n"
+                     + line({**GOOD, "id": "c", "response_tgt": "", "split": "train"}))
+    quads, report = D.load_quads(path, on_bad_row="skip", split="train")
+    assert [q.id for q in quads] == ["a"] and report.rows_in == 3 and sum(report.dropped.values()) == 2
+    assert report.examples[1].startswith(f"{path} line 3 (id 'c'): field 'response_tgt'")
+    quads, report = D.load_quads(path, on_bad_row="skip", split="heldout")
+    assert quads == [] and report.rows_in == 1 and report.dropped == Counter({reason: 1})
+
+
+def test_sft_rows_drop_and_count_bad_lines(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(line({"instruction": "Name a colour.", "output": "Blue."}) + b"not json\n"
+                     + line({"prompt": "Say hi.", "response": "Hi!"}) + b"[1]\n")
+    with pytest.raises(D.DataError, match=re.escape(f"{path} line 2: malformed JSON: Expecting value at column 1")):
+        D.load_sft_rows(path)
+    rows, report = D.load_sft_rows(path, on_bad_row="skip")
+    assert [r["prompt_en"] for r in rows] == ["Name a colour.", "Say hi."] and [r["id"] for r in rows] == ["0", "2"]
+    assert report.rows_in == 4 and report.dropped == Counter({"malformed JSON": 1, "not a JSON object": 1})
+    rows, report = D.load_sft_rows(path, on_bad_row="skip", limit=1)  # stops before the bad lines it does not need
+    assert len(rows) == 1 and report.rows_in == 1 and not report.dropped
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\r\n\t\n"], ids=["empty", "blank_lines"])
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_file_without_rows_is_an_error_in_both_modes(tmp_path, content, on_bad_row):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(D.DataError, match=re.escape(f"data file {str(path)!r}: no rows")):
+        D.load_quads(path, on_bad_row=on_bad_row)
+    with pytest.raises(D.DataError, match="no rows"):
+        D.load_sft_rows(path, on_bad_row=on_bad_row)
+    (tmp_path / "q.json").write_bytes(content)
+    with pytest.raises(D.DataError, match="no rows"):
+        D.load_quads(tmp_path / "q.json", on_bad_row=on_bad_row)
+
+
+def test_a_file_of_bad_lines_only_reports_them(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"oops\n[]\n")
+    quads, report = D.load_quads(path, on_bad_row="skip")  # not "missing columns": there are no rows to have them
+    assert quads == [] and report.rows_in == 2 and report.dropped == Counter({"malformed JSON": 1,
+                                                                              "not a JSON object": 1})
+
+
+def test_json_files_hold_an_array_or_json_lines(tmp_path):
+    arr = tmp_path / "q.json"
+    arr.write_text(json.dumps([GOOD, {**GOOD, "id": "b"}, "stray", {**GOOD, "id": "c"}], indent=2))
+    with pytest.raises(D.DataError, match=re.escape(f"{arr} row 2: not a JSON object: got a string")):
+        D.load_quads(arr)
+    quads, report = D.load_quads(arr, on_bad_row="skip")
+    assert [q.id for q in quads] == ["a", "b", "c"] and report.rows_in == 4
+    assert report.dropped == Counter({"not a JSON object": 1})
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"id": "a", "prompt_en": "Hi"},\n  {"id": "b" "prompt_en": "Hi"}\n]\n')
+    for on_bad_row in ("error", "skip"):  # one document: no line of it can be skipped
+        with pytest.raises(D.DataError, match=re.escape(f"{broken} line 3: malformed JSON: Expecting ',' delimiter")):
+            D.load_quads(broken, on_bad_row=on_bad_row)
+    broken.write_bytes(b'[\n  {"id": "a", "prompt_en": "\xff"}\n]\n')
+    with pytest.raises(D.DataError, match=re.escape(f"{broken} line 2: invalid UTF-8")):
+        D.load_quads(broken, on_bad_row="skip")
+    lines = write_jsonl(tmp_path / "lines.json", [GOOD, {**GOOD, "id": "b"}])  # datasets' json loader reads both
+    quads, report = D.load_quads(lines)
+    assert [q.id for q in quads] == ["a", "b"] and report.rows_in == 2 and not report.dropped
+    with pytest.raises(D.DataError, match=re.escape(f"{lines} line 2 (id 'b'): field 'prompt_en'")):
+        D.load_quads(write_jsonl(lines, [GOOD, {**GOOD, "id": "b", "prompt_en": 7}]))
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps(GOOD, indent=2))
+    with pytest.raises(D.DataError, match="one JSON object spread over several lines"):
+        D.load_quads(pretty, on_bad_row="skip")
+
+
+def test_unreadable_parquet_and_unknown_files_are_data_errors(tmp_path):
+    for content in (b"", b"PAR1 this is not a parquet file"):
+        pq = tmp_path / "q.parquet"
+        pq.write_bytes(content)
+        with pytest.raises(D.DataError, match=re.escape(f"data file {str(pq)!r}: not a readable Parquet file")):
+            D.load_quads(pq)
+    (tmp_path / "q.csv").write_text("a,b\n")
+    with pytest.raises(D.DataError, match=r"unsupported extension '\.csv'"):
+        D.load_quads(tmp_path / "q.csv")
 
 
 def test_sft_rows_from_jsonl_and_parquet(tmp_path):

@@ -402,7 +402,7 @@ def test_loaded_model_needs_tokenizer(m2m_dir):
     assert again.translate(["Hello world."]) == tr.translate(["Hello world."])
 
 
-def test_clo_prepare_end_to_end(nllb_dir, tmp_path):
+def test_clo_prepare_end_to_end(nllb_dir, tmp_path, capsys):
     """`clo prepare` on a local SFT file: a bad row is counted, the quads file loads for training,
     and a second run is served from the cache."""
     from clo.cli import main
@@ -421,5 +421,6 @@ def test_clo_prepare_end_to_end(nllb_dir, tmp_path):
     assert "```\nprint('hi')\n```" in quads[1].response_tgt  # code left untranslated
     first = out.read_text()
     assert main(args) == 0 and out.read_text() == first
-    with pytest.raises(SystemExit, match="--target-lang 'xx'"):
-        main([*args[:5], "--target-lang", "xx", "--out", str(out)])
+    capsys.readouterr()
+    assert main([*args[:5], "--target-lang", "xx", "--out", str(out)]) == 2  # a UserError: one line, exit code 2
+    assert capsys.readouterr().err.startswith("clo prepare: error: --target-lang 'xx' is not a supported")

@@ -1,0 +1,83 @@
+"""`clo` shows a user's mistake (a clo.errors.UserError) as one line on stderr and exits with 2,
+as argparse does for a bad flag; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = dict(id="a", prompt_en="Hi", response_en="Hello there.", prompt_tgt="Hallo", response_tgt="Hallo du.")
+
+
+def clo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "clo", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The error line, after checking exit code 2, no traceback and the argparse-like form."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"clo {command}: error: "), proc.stderr[-3000:]
+    return last
+
+
+def test_train_on_a_broken_data_file(tmp_path):
+    from trainer_fixtures import smollm2_skip_reason
+
+    data = tmp_path / "quads.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n\n" + '{"id": "b", "prompt_en": "Hi",\n')
+    proc = clo("train", "--data", str(data), "--on-bad-row", "error", "--max-quads", "1", "--no-progress",
+               "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    if proc.returncode != 2 and smollm2_skip_reason():  # while train.py loads the model before the data
+        pytest.skip(smollm2_skip_reason())
+    last = one_line_error(proc, "train")
+    assert f"{data} line 3: malformed JSON" in last, last
+
+
+@pytest.mark.xfail(strict=False, reason="waits for TrainConfig.check raising UserError")
+def test_train_with_a_bad_option_value(tmp_path):
+    proc = clo("train", "--beta", "-1", "--max-quads", "1", "--no-progress", "--output-dir", str(tmp_path / "run"),
+               cwd=tmp_path)
+    assert "beta" in one_line_error(proc, "train")
+
+
+def test_train_with_an_unknown_config_option(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_stepz: 3\n")
+    proc = clo("train", "--config", str(cfg), cwd=tmp_path)
+    assert f"--config {cfg}: unknown option(s) ['max_stepz']" in one_line_error(proc, "train")
+
+
+def test_eval_without_a_model(tmp_path):
+    proc = clo("eval", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert "no --model and no trained model in" in one_line_error(proc, "eval")
+
+
+def test_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import clo.train as T
+    from clo.cli import main
+    from clo.errors import UserError
+
+    def fails(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(T, "train", fails)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--output-dir", str(tmp_path)])
+
+    def refuses(cfg):
+        raise UserError("bad run folder\nsecond line")
+
+    monkeypatch.setattr(T, "train", refuses)
+    capsys.readouterr()
+    assert main(["train", "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "clo train: error: bad run folder second line\n"
