@@ -22,6 +22,7 @@ CHOICES = {
     "method": ("clo", "sft", "dpo"), "trainable": ("attention", "lora", "all"), "ref": ("precompute", "online"),
     "loss_impl": ("auto", "triton", "torch", "reference"), "layout": ("packed", "padded"),
     "on_bad_row": ("skip", "error"), "device": ("auto", "cpu", "cuda"), "grad_checkpointing": ("auto", "on", "off"),
+    "optimizer": ("adamw", "sgd"),
 }
 TRAIN_HELP = {
     "model": "hub name, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
@@ -44,7 +45,12 @@ TRAIN_HELP = {
     "max_steps": "optimizer steps",
     "batch_quads": "quads per micro-batch (4 sequences each)",
     "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate (AdamW)",
+    "lr": "peak learning rate",
+    "optimizer": "adamw, or sgd (momentum 0.9; its update is linear in the gradient)",
+    "attention_modules": "comma-separated module-name suffixes of the attention projections, e.g. "
+                         "'self_attn.q_proj,self_attn.o_proj' (default: known per architecture)",
+    "overwrite": "replace the run already in --output-dir (its metrics, checkpoints, final model; the reference "
+                 "cache is kept)",
     "warmup_steps": "linear warmup steps before the cosine decay",
     "min_lr_ratio": "final learning rate as a fraction of --lr",
     "max_grad_norm": "gradient clipping norm",
@@ -155,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--batch-size", type=int, default=16)
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N held-out quads")
     p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--include-trained", action="store_true",
+                        help="score rows the evaluated run trained on (refused by default: they are not held out); "
+                             "the report flags them")
 
     sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers: runs benchmarks/bench_loss.py "
                                  "with the remaining arguments (clo bench --help)")
@@ -210,7 +219,9 @@ def _run(args: argparse.Namespace) -> int:
         baseline = None if baseline in ("none", "") else baseline
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device)
+                 batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device,
+                 run_dir=Path(args.output_dir) if args.model is None else None,
+                 include_trained=args.include_trained)
     return 0
 
 

@@ -34,6 +34,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 QUAD_FIELDS = ("prompt_en", "response_en", "prompt_tgt", "response_tgt")
+PROMPT_FIELDS = ("prompt_en", "prompt_tgt")
 PROMPT_ALIASES = ("instruction", "prompt", "question", "prompt_en")
 RESPONSE_ALIASES = ("response", "output", "answer", "completion", "response_en")
 DEMO_LANG = "de"
@@ -54,6 +55,8 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
     examples: list[str] = field(default_factory=list)  # the first few dropped rows, for the log
+    other_splits: Counter = field(default_factory=Counter)  # rows of another split than asked for, per split
+    unsplit: int = 0  # rows in without a split field (they belong to every split)
 
     def drop(self, row_name: str, reason: str, detail: str = "") -> None:
         """Count a dropped row under ``reason``; ``detail`` (where in the row) only goes to the examples."""
@@ -67,7 +70,17 @@ class DataReport:
             parts.append("dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(self.dropped.items())))
         if self.truncated:
             parts.append(f"{self.truncated} responses truncated to fit max_length")
+        if self.other_splits:
+            other = sorted(self.other_splits.items())
+            parts.append("kept out: " + ", ".join(f"{n} rows of split {s!r}" for s, n in other))
         return "; ".join(parts)
+
+    def describe_split(self, split: str) -> str:
+        """Which rows a split of this source is, in words (what `clo eval` says it scores)."""
+        if not self.other_splits and self.unsplit == self.rows_in:
+            return f"all {self.kept} rows of {self.source} (it has no split field)"
+        extra = f", {self.unsplit} of them without a split field" if self.unsplit else ""
+        return f"{self.kept} rows of {self.source} with split {split!r}{extra}"
 
 
 @dataclass(frozen=True)
@@ -321,9 +334,12 @@ def _quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) -
             report.rows_in += 1
             _bad_row(report, bad, source, on_bad_row)
             continue
-        if split is not None and row.get("split", split) != split:
+        row_split = row.get("split")  # None: no split field (rows of a file with some get None)
+        if split is not None and row_split not in (None, split):
+            report.other_splits[row_split] += 1
             continue
         report.rows_in += 1
+        report.unsplit += row_split is None
         name = _row_name(row, i, source, line)
         try:
             texts = [_text_field(row, (f,), f, name) for f in QUAD_FIELDS]
@@ -525,6 +541,12 @@ def encode_quads(tokenizer, quads: list[Quad], *, max_length: int, on_bad_row: s
         out.append(Encoded(q.id, tuple(tuple(s[0]) for s in seqs), tuple(tuple(s[1]) for s in seqs)))
     report.kept = len(out)
     return out, report
+
+
+def prompt_key(text: str) -> str:
+    """A short hash of a prompt, whitespace-normalised: how `clo eval` recognises the rows a run
+    trained on (<output_dir>/trained_quads.json) in any file."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]
 
 
 def fingerprint(encoded: list[Encoded]) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids
+from clo.errors import UserError
 from clo.model import hidden_states, split_lm
 from clo_kernels import sequence_logps
 
@@ -273,7 +274,9 @@ def summary(result: dict, *, title: str | None = None) -> str:
     lang = result["target_lang"]
     lines = [f"### {title or result.get('model', 'model')}", "",
              f"{result['num_prompts']} held-out prompts per language, up to {result.get('max_new_tokens', '?')} "
-             "new tokens, greedy.", "",
+             "new tokens, greedy." + (f" Rows: {result['rows']}." if result.get("rows") else ""), "",
+             *([f"**Not held out: {len(result['trained_rows'])} of these rows were trained on** "
+                f"(ids {', '.join(result['trained_rows'][:10])}).", ""] if result.get("trained_rows") else []),
              "| metric | value |", "|---|---|",
              f"| target fidelity ({lang} prompts answered in {lang}) | {_pct(result['target_fidelity'])} |",
              f"| English fidelity (en prompts answered in en) | {_pct(result['english_fidelity'])} |",
@@ -364,28 +367,43 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_eval_quads(data: str | Path | None) -> list[Quad]:
-    """The held-out quads: the bundled demo's "heldout" split for None, else the rows of ``data``
-    whose "split" is "heldout" (all rows if the file has no split field)."""
-    from clo.data import demo_quads, load_quads
+def load_eval_quads(data: str | Path | None) -> tuple[list[Quad], str]:
+    """The held-out quads and which rows they are, in words: the rows of ``data`` (None = the
+    bundled demo) whose "split" is "heldout" or that have no split field."""
+    from clo.data import demo_path, load_quads
 
-    if data is None:
-        quads = demo_quads("heldout")
-    else:
-        quads, report = load_quads(data, split="heldout")
-        log.info("%s", report.summary())
+    quads, report = load_quads(data or demo_path(), split="heldout")
+    log.info("%s", report.summary())
     if not quads:
         raise DataError(f"{data or 'the demo data'}: no held-out quads (rows with split 'heldout', "
                         "or a file without a split field)")
-    return quads
+    return quads, report.describe_split("heldout")
+
+
+def trained_on(quads: list[Quad], runs: list[Path]) -> tuple[list[str], Path | None]:
+    """Ids of the ``quads`` whose English or target prompt a training run in ``runs`` trained on
+    (its trained_quads.json), and that run's folder."""
+    from clo.data import PROMPT_FIELDS, prompt_key
+
+    for run in runs:
+        path = run / "trained_quads.json"
+        if path.exists():
+            seen = {row[f] for row in json.loads(path.read_text())["quads"] for f in PROMPT_FIELDS}
+            return [q.id for q in quads if any(prompt_key(getattr(q, f)) in seen for f in PROMPT_FIELDS)], run
+    return [], None
 
 
 def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None, target_lang: str,
              out_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
-             device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+             device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True,
+             run_dir: str | Path | None = None, include_trained: bool = False) -> dict:
     """``clo eval``: evaluate ``model`` (None = the embedded default), and ``baseline`` first when
     given, on held-out quads (``data`` None = the bundled demo), write the report to ``out_dir``
     and print its markdown. Models are loaded one at a time; the first is freed before the second.
+
+    Rows the evaluated model was trained on (by the run in ``run_dir``, or the run whose final/
+    ``model`` is) are refused, unless ``include_trained``: then they are scored and counted in
+    the report as not held out.
 
     dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it.
     Returns {"results": {label: evaluate_model result}, "json_path", "md_path", "markdown"}; the
@@ -395,7 +413,18 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     device = device or _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    quads = load_eval_quads(data)
+    quads, which = load_eval_quads(data)
+    quads = quads[:limit] if limit is not None else quads
+    model_run = Path(model).parent if model and Path(model).is_dir() else None  # <run>/final
+    candidates = [Path(p) for p in (run_dir, model_run) if p is not None]
+    trained, run = trained_on(quads, candidates)
+    if trained and not include_trained:
+        raise UserError(f"{len(trained)} of the {len(quads)} rows to score ({which}) were trained on by the run in "
+                        f"{run} (ids {', '.join(trained[:5])}{', ...' if len(trained) > 5 else ''}): they are not "
+                        "held out. Evaluate on held-out rows (\"split\": \"heldout\"; `clo train` keeps them out of "
+                        "training), or pass --include-trained to score them anyway, flagged in the report")
+    which += f"; {len(trained)} of them seen in training by {run}" if trained else ""
+    log.info("scoring %s", which)
     runs = ([("baseline", baseline)] if baseline is not None else []) + [("model", model)]
     results = {}
     for label, spec in runs:
@@ -403,8 +432,8 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
         lm, tokenizer = load_model(spec, dtype=dtype, device=device)
         log.info("loaded %s (%s) in %.1f s", label, spec or "default", time.perf_counter() - t0)
         result = evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, limit=limit, progress=progress)
-        results[label] = {"model": spec or DEFAULT_MODEL, **result}
+                                batch_size=batch_size, progress=progress)
+        results[label] = {"model": spec or DEFAULT_MODEL, "rows": which, "trained_rows": trained, **result}
         del lm, tokenizer  # before the next model is loaded: two models need not fit at once
         _release_memory()
     json_path, md_path = write_report(results, out_dir)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -91,21 +93,32 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
 # What trains
 
 
-def attention_module_names(model: nn.Module) -> list[str]:
-    """Full names of the attention projections of ``model`` (q/k/v/o or their fused forms)."""
+def attention_module_names(model: nn.Module, suffixes: str | None = None) -> list[str]:
+    """Full names of the attention projections of ``model`` (q/k/v/o or their fused forms):
+    the modules whose name ends with one of ``suffixes`` (comma-separated, each matched after a
+    dot), by default the architecture's entry in ATTENTION_MODULES."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
     model_type = _config(model).model_type
-    suffixes = ATTENTION_MODULES.get(model_type)
-    if suffixes is None:
-        raise ValueError(f"no attention-projection names known for model_type {model_type!r}; "
-                         f"known: {sorted(ATTENTION_MODULES)} (use --trainable all or lora with --lora-targets)")
-    names = [n for n, _ in model.named_modules() if n.endswith(suffixes) and ".lora_" not in n]
+    if suffixes is not None:
+        ends = tuple(s.strip() for s in suffixes.split(",") if s.strip())
+        where = f"--attention-modules {suffixes!r}"
+    elif model_type in ATTENTION_MODULES:
+        ends = ATTENTION_MODULES[model_type]
+        where = f"model_type {model_type!r} ({', '.join(ends)})"
+    else:
+        raise UserError(f"no attention-projection names known for model_type {model_type!r} (known: "
+                        f"{', '.join(sorted(ATTENTION_MODULES))}): name them with --attention-modules, e.g. "
+                        "'self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj', or use --trainable all")
+    names = [n for n, m in model.named_modules()
+             if any(n.endswith("." + e) for e in ends) and ".lora_" not in n and isinstance(m, (nn.Linear, Conv1D))]
     if not names:
-        raise ValueError(f"model_type {model_type!r}: no modules end with {suffixes}")
+        raise UserError(f"{where}: no linear module of {type(base_model(model)).__name__} has a name ending so")
     return names
 
 
 def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 16, lora_alpha: int = 32,
-                     lora_dropout: float = 0.0) -> nn.Module:
+                     lora_dropout: float = 0.0, attention_modules: str | None = None) -> nn.Module:
     """Freeze everything but the chosen parameters; returns the model (a PeftModel for lora).
 
     attention: the attention projections as full parameters (the paper's choice);
@@ -115,7 +128,7 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 16, lora_alph
             p.requires_grad_(True)
         return model
     if mode == "attention":
-        names = set(attention_module_names(model))
+        names = set(attention_module_names(model, attention_modules))
         for p in model.parameters():
             p.requires_grad_(False)
         for name, module in model.named_modules():
@@ -126,12 +139,12 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 16, lora_alph
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        suffixes = ATTENTION_MODULES.get(_config(model).model_type)
-        attention_module_names(model)  # the same error for unknown architectures
+        # Full module names: peft matches a bare last name part anywhere (GPT-2's c_proj is the
+        # attention's output projection and the MLP's).
         cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         target_modules=[s.split(".")[-1] for s in suffixes], task_type="CAUSAL_LM")
+                         target_modules=attention_module_names(model, attention_modules), task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
-    raise ValueError(f"trainable must be 'attention', 'lora' or 'all', got {mode!r}")
+    raise UserError(f"trainable must be 'attention', 'lora' or 'all', got {mode!r}")
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -165,15 +178,18 @@ def split_lm(model: nn.Module) -> SplitLM:
     config = base.config
     for attr in ("logit_scale", "logits_scaling"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ValueError(f"{config.model_type} scales its logits ({attr}={getattr(config, attr)}); "
-                             "the fused loss does not reproduce that; use --loss-impl reference")
+            # Which way the scale goes differs by architecture (Granite divides by logits_scaling,
+            # HyperCLOVA X multiplies): refuse rather than guess.
+            raise UserError(f"{config.model_type} scales its logits ({attr}={getattr(config, attr)}), which the "
+                            "fused loss does not reproduce on any of its paths: clo cannot train this model")
     head = base.get_output_embeddings()
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"the output head of {type(base).__name__} is {type(head).__name__}, not nn.Linear")
+        raise UserError(f"the output head of {type(base).__name__} is {type(head).__name__}, not nn.Linear: clo "
+                        "cannot train this model")
     backbone = getattr(base, base.base_model_prefix, None)
     if backbone is None or backbone is base:
-        raise ValueError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
-                         f"{base.base_model_prefix!r})")
+        raise UserError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
+                        f"{base.base_model_prefix!r}): clo cannot train this model")
     return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
 
 

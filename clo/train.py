@@ -49,9 +49,20 @@ import clo_kernels as ck
 from . import data as D
 from . import distributed as DD
 from . import model as M
+from .errors import UserError
 
 log = logging.getLogger("clo.train")
 METHODS = ("clo", "sft", "dpo")
+OPTIMIZERS = ("adamw", "sgd")
+# Options a resumed run may change: where and how it runs and logs, not what it computes.
+# Every other option must equal the checkpoint's (max_steps may grow; model and data are
+# compared by fingerprint, so a moved file is fine).
+RESUME_MAY_CHANGE = ("max_steps", "model", "data", "output_dir", "cache_dir", "resume", "overwrite", "device",
+                     "loss_impl", "grad_checkpointing", "dist_timeout_min", "log_every", "save_every",
+                     "keep_checkpoints", "tensorboard", "progress", "save_final", "merge_lora")
+# What a run writes into output_dir (the reference cache, keyed by fingerprints, is kept).
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.png", "checkpoints", "final", "trained_quads.json",
+             "tensorboard", "eval")
 
 
 @dataclass
@@ -62,6 +73,7 @@ class TrainConfig:
     target_lang: str = "de"
     method: str = "clo"                 # clo | sft | dpo
     trainable: str = "attention"        # attention (q/k/v/o, the paper) | lora | all
+    attention_modules: str | None = None  # comma-separated module-name suffixes; None = known per architecture
     lora_r: int = 16
     lora_alpha: int = 32
     merge_lora: bool = False
@@ -85,6 +97,7 @@ class TrainConfig:
     batch_quads: int = 2                # quads per micro-batch (4 sequences each)
     grad_accum: int = 1
     lr: float = 1e-4
+    optimizer: str = "adamw"            # adamw | sgd (momentum 0.9: an update linear in the gradient)
     weight_decay: float = 0.0
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
@@ -102,6 +115,7 @@ class TrainConfig:
     save_every: int = 0                 # 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False             # replace the run already in output_dir
     tensorboard: bool = False
     progress: bool = True
     save_final: bool = True
@@ -110,7 +124,7 @@ class TrainConfig:
         """Bad options fail here, named, before a model is loaded."""
         def need(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise UserError(msg)
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.trainable in ("attention", "lora", "all"), f"trainable must be attention|lora|all, "
              f"got {self.trainable!r}")
@@ -122,6 +136,9 @@ class TrainConfig:
         need(self.layout in ("packed", "padded"), f"layout must be packed|padded, got {self.layout!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
         need(self.grad_checkpointing in ("auto", "on", "off"), "grad_checkpointing must be auto|on|off")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(not (self.resume and self.overwrite), "--resume continues the run in --output-dir and --overwrite "
+             "replaces it: pass one of them")
         for name in ("max_steps", "batch_quads", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(0.0 <= self.nll_weight <= 1.0, f"nll_weight must lie in [0, 1], got {self.nll_weight}")
@@ -348,7 +365,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 _LM = "lm."  # Objective's prefix; checkpoints use the model's own parameter names
 
 
-def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints,
+def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints, device_type: str,
                     d: DD.Dist = DD.SINGLE) -> Path | None:
     """Full trainable weights and optimizer state (gathered from the shards under FSDP2: every
     rank calls this), written by rank 0 only; ``model`` is the (wrapped) Objective."""
@@ -372,6 +389,10 @@ def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, finger
         "fingerprints": fingerprints,
     }
     _atomic_save(state, tmp / "state.pt")
+    # What --resume checks before loading any model, without reading the weights in state.pt.
+    meta = {"step": step, "world_size": d.world, "device_type": device_type, "config": state["config"],
+            "fingerprints": fingerprints}
+    _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a folder appears complete or not at all
     _atomic_write_text(root / "LATEST", final.name)
@@ -380,11 +401,69 @@ def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, finger
     return final
 
 
-def load_checkpoint(out: Path) -> dict | None:
+def _latest(out: Path) -> Path | None:
     latest = out / "checkpoints" / "LATEST"
-    if not latest.exists():
+    return out / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    folder = _latest(out)
+    return None if folder is None else torch.load(folder / "state.pt", weights_only=False)
+
+
+def checkpoint_meta(out: Path) -> dict | None:
+    """Step, world size, device type, config and fingerprints of the latest checkpoint."""
+    folder = _latest(out)
+    if folder is None:
         return None
-    return torch.load(out / "checkpoints" / latest.read_text().strip() / "state.pt", weights_only=False)
+    if (folder / "meta.json").exists():
+        return json.loads((folder / "meta.json").read_text())
+    state = torch.load(folder / "state.pt", weights_only=False)  # written before meta.json existed
+    return {k: state.get(k) for k in ("step", "world_size", "device_type", "config", "fingerprints")}
+
+
+def check_output_dir(cfg: TrainConfig, *, world: int, device_type: str) -> list[str]:
+    """Refuse, before any model is loaded, a fresh run into a folder that holds another, or a
+    --resume that would continue a different run. Returns what --overwrite will replace."""
+    out = Path(cfg.output_dir)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume:
+        meta = checkpoint_meta(out)
+        if meta is not None:
+            check_resume(meta, cfg, world=world, device_type=device_type, out=out)
+        return []
+    if existing and not cfg.overwrite:
+        raise UserError(f"--output-dir {out} already holds a run ({', '.join(existing)}): pass --resume to continue "
+                        "it, --overwrite to replace it (the reference cache is kept), or choose another --output-dir")
+    return existing
+
+
+def check_resume(meta: dict, cfg: TrainConfig, *, world: int, device_type: str, out: Path) -> None:
+    """A resumed run follows the checkpoint's trajectory or is refused, naming the option."""
+    where = f"--resume: the checkpoint in {out}"
+    old = meta.get("config") or {}
+    changed = [(f.name, old.get(f.name, f.default), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if f.name not in RESUME_MAY_CHANGE and old.get(f.name, f.default) != getattr(cfg, f.name)]
+    if changed:
+        raise UserError(f"{where} was trained with other options: " + "; ".join(
+            f"--{name.replace('_', '-')} {new!r} (the run used {was!r})" for name, was, new in changed)
+            + ". Resume with the run's options, or start a new run (another --output-dir, or --overwrite)")
+    if meta.get("world_size") is None:
+        raise UserError(f"{where} predates distributed training (no world_size; its optimizer state is keyed by "
+                        "index and its data order differs): start a new run")
+    if meta["world_size"] != world:
+        raise UserError(f"{where} was written at world size {meta['world_size']}, this run has {world}: the data "
+                        f"order depends on it; resume with --nproc-per-node/--nnodes giving {meta['world_size']} "
+                        "processes")
+    if meta.get("device_type") not in (None, device_type):
+        raise UserError(f"{where} trained on {meta['device_type']}, this run is on {device_type} (bf16 autocast on "
+                        f"CUDA, fp32 on the CPU): resume with --device {meta['device_type']}")
+    if cfg.max_steps < meta["step"]:
+        raise UserError(f"{where} is at step {meta['step']}; --max-steps {cfg.max_steps} ends before it")
+    if cfg.max_steps != old.get("max_steps", cfg.max_steps):
+        log.warning("--resume with --max-steps %d (the run had %d): the cosine schedule now ends at step %d, so "
+                    "the learning rate from step %d on differs from the first run's plan", cfg.max_steps,
+                    old["max_steps"], cfg.max_steps, meta["step"] + 1)
 
 
 def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, device) -> int:
@@ -396,16 +475,10 @@ def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, 
     if meta is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
         return 0
-    if meta["fingerprints"] != fingerprints:
-        raise ValueError(f"--resume: the checkpoint in {out} was trained on another model or data "
-                         f"({meta['fingerprints']} vs {fingerprints})")
-    if meta["world_size"] is None:
-        raise ValueError(f"--resume: the checkpoint in {out} predates distributed training (no world_size; its "
-                         "optimizer state is keyed by index and its data order differs); start a new run")
-    if meta["world_size"] != d.world:
-        raise ValueError(f"--resume: the checkpoint in {out} was written at world size {meta['world_size']}, "
-                         f"this run has {d.world}: the data order depends on it; resume with "
-                         f"--nproc-per-node/--nnodes giving {meta['world_size']} processes")
+    for key, option in (("model", "--model"), ("data", "--data")):
+        if meta["fingerprints"][key] != fingerprints[key]:
+            raise UserError(f"--resume: {option} gives other {key} than the checkpoint in {out} was trained on "
+                            f"(fingerprint {fingerprints[key]}, the run's {meta['fingerprints'][key]})")
     weights = {_LM + n: w for n, w in state["trainable"].items()} if d.main else {}
     DD.load_trainable_state(model, optimizer, weights, state["optimizer"] if d.main else {}, d)
     scheduler.load_state_dict(meta["scheduler"])
@@ -467,21 +540,58 @@ def peak_memory_mb(device: torch.device) -> float:
 # The run
 
 
-def load_training_data(cfg: TrainConfig, tokenizer) -> tuple[list[D.Encoded], list[D.DataReport]]:
-    if cfg.data is None:
-        quads, report = D.load_quads(D.demo_path(), split="train", on_bad_row=cfg.on_bad_row)
-        if cfg.target_lang != D.DEMO_LANG:
-            raise ValueError(f"the bundled demo data is English/German; target_lang={cfg.target_lang!r} needs "
-                             "--data (a pre-translated file from `clo prepare`)")
-    else:
-        quads, report = D.load_quads(cfg.data, on_bad_row=cfg.on_bad_row)
+def load_training_quads(cfg: TrainConfig) -> tuple[list[D.Quad], D.DataReport]:
+    """The quads to train on, read and checked before any model is loaded. Rows of another split
+    than "train" (the held-out rows evaluation uses) are kept out; rows without a split field train."""
+    if cfg.data is None and cfg.target_lang != D.DEMO_LANG:
+        raise UserError(f"the bundled demo data is English/German; --target-lang {cfg.target_lang!r} needs "
+                        "--data (a pre-translated file from `clo prepare`)")
+    quads, report = D.load_quads(cfg.data or D.demo_path(), split="train", on_bad_row=cfg.on_bad_row)
     if cfg.max_quads is not None:
         quads = quads[:cfg.max_quads]
+    if not quads:
+        raise D.DataError(f"no usable quads: {report.summary()}")
+    return quads, report
+
+
+def encode_training_quads(cfg: TrainConfig, quads: list[D.Quad], report: D.DataReport, tokenizer):
     encoded, enc_report = D.encode_quads(tokenizer, quads, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row,
                                          source=f"tokenising {report.source}")
     if not encoded:
         raise D.DataError(f"no usable quads: {report.summary()}; {enc_report.summary()}")
     return encoded, [report, enc_report]
+
+
+def write_trained_quads(out: Path, cfg: TrainConfig, quads: list[D.Quad], encoded: list[D.Encoded],
+                        seen: list[int]) -> None:
+    """<output_dir>/trained_quads.json: the quads this run trains on, by id and prompt key, so
+    that `clo eval` can refuse to score them as held-out rows."""
+    by_id = {q.id: q for q in quads}
+    rows = [{"id": encoded[i].id, **{f: D.prompt_key(getattr(by_id[encoded[i].id], f)) for f in D.PROMPT_FIELDS}}
+            for i in seen]
+    _atomic_write_text(out / "trained_quads.json", json.dumps({"data": cfg.data or "demo (train split)",
+                                                               "quads": rows}, indent=1))
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def _on_rank0(fn, d: DD.Dist):
+    """fn() on rank 0, its result (or its UserError) on every rank: the other ranks may not see
+    rank 0's files, and must not wait at a collective for a rank that gave up."""
+    result = error = None
+    if d.main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = DD.broadcast_object((result, error), d)
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -500,8 +610,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
     out = Path(cfg.output_dir)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+    # Refusals first, before any model is loaded or file changes: rank 0 decides for all.
+    replaced = _on_rank0(lambda: check_output_dir(cfg, world=d.world, device_type=device.type), d)
+    quads, data_report = load_training_quads(cfg)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
 
@@ -510,7 +621,7 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
     from_rank0 = cfg.fsdp and d.world > 1
     meta = from_rank0 and not d.main
     model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
-    encoded, reports = load_training_data(cfg, tokenizer)
+    encoded, reports = encode_training_quads(cfg, quads, data_report, tokenizer)
     for r in reports if d.main else ():
         log.info("data: %s", r.summary())
         for ex in r.examples:
@@ -520,7 +631,8 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
                     "data": D.fingerprint(encoded)}
     DD.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
 
-    model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
+    model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                               attention_modules=cfg.attention_modules)
     if cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_train = sum(p.numel() for p in M.trainable_parameters(model).values())
@@ -536,14 +648,25 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
         del full_state
     params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
 
+    seen = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(encoded), world=d.world)
+                   for i in mb})
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in replaced:  # --overwrite, now that the new run's model and data have loaded
+            log.warning("--overwrite: removing the previous run's %s", out / name)
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        write_trained_quads(out, cfg, quads, encoded, seen)
+
     # Reference log-probs: the model has not changed yet (LoRA's B starts at zero).
     need_ref = cfg.method != "sft"
     ref = None
     if need_ref and cfg.ref == "precompute":
         objective.eval()
-        needed = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(encoded),
-                                                                                    world=d.world) for i in mb})
-        ref = cached_reference(objective, encoded, needed, cfg=cfg, fingerprints=fingerprints, d=d, device=device)
+        ref = cached_reference(objective, encoded, seen, cfg=cfg, fingerprints=fingerprints, d=d, device=device)
         if hasattr(objective, "reshard"):
             # FSDP2 keeps the root's weights gathered after a forward (the backward would need them);
             # after this no-grad pass nothing will: free them, and give resume sharded parameters to
@@ -551,7 +674,7 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
             objective.reshard()
     objective.train()
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(params, cfg, device)
 
     def lr_lambda(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
         if step < cfg.warmup_steps:
@@ -561,7 +684,7 @@ def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     checkpoint = functools.partial(save_checkpoint, out, model=objective, optimizer=optimizer, scheduler=scheduler,
-                                   cfg=cfg, fingerprints=fingerprints, d=d)
+                                   cfg=cfg, fingerprints=fingerprints, device_type=device.type, d=d)
     start = 0
     if cfg.resume:
         start = resume(out, model=objective, optimizer=optimizer, scheduler=scheduler, fingerprints=fingerprints,
