@@ -57,9 +57,7 @@ def _identifier():
     if _IDENTIFIER is None:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-        # py3langid renamed the loader (from_pickled_model up to 0.3, from_model_file in 0.4).
-        load = getattr(LanguageIdentifier, "from_model_file", None) or LanguageIdentifier.from_pickled_model
-        _IDENTIFIER = load(MODEL_FILE, norm_probs=True)
+        _IDENTIFIER = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     return _IDENTIFIER
 
 
