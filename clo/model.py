@@ -141,8 +141,13 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 16, lora_alph
 
         # Full module names: peft matches a bare last name part anywhere (GPT-2's c_proj is the
         # attention's output projection and the MLP's).
-        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         target_modules=attention_module_names(model, attention_modules), task_type="CAUSAL_LM")
+        from transformers.pytorch_utils import Conv1D
+
+        targets = attention_module_names(model, attention_modules)
+        modules = dict(model.named_modules())
+        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                         fan_in_fan_out=isinstance(modules[targets[0]], Conv1D),  # GPT-2 stores W transposed
+                         task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
     raise UserError(f"trainable must be 'attention', 'lora' or 'all', got {mode!r}")
 
