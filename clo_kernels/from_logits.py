@@ -1,7 +1,7 @@
 """The CLO loss for callers who already hold the logits (non-linear heads, custom models).
 
-One pass over the logits in the forward, no fp32 copy of them (the torch path upcasts one
-chunk of rows at a time, the Triton path one tile), and with ``inplace_backward=True`` the
+One pass over the logits in the forward, no fp32 copy of them (the torch path upcasts a
+block of rows at a time, the Triton path one tile), and with ``inplace_backward=True`` the
 gradient is written over the logits instead of into a second [N, V] tensor.
 """
 
@@ -10,51 +10,17 @@ from __future__ import annotations
 import torch
 
 from . import _inputs as I
-from .linear_logprob_torch import capped, chunk_rows, logsumexp
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
-
-
-def _forward_torch(logits, labels, softcap):
-    N, V = logits.shape
-    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    chunk = chunk_rows(V)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        z, _ = capped(logits[s:e], softcap)
-        lse[s:e] = logsumexp(z)
-        tgt = z.gather(1, labels[s:e].clamp(0, V - 1)[:, None]).squeeze(1)
-        logp[s:e] = tgt - lse[s:e]
-    return logp, lse
-
-
-def _backward_torch_into(dl, logits, labels, lse, grad, softcap) -> None:
-    N, V = logits.shape
-    chunk = chunk_rows(V)
-    for s in range(0, N, chunk):
-        e = min(N, s + chunk)
-        z, t = capped(logits[s:e], softcap)
-        out = dl[s:e]
-        if z.data_ptr() == logits[s:e].data_ptr() and dl is not logits:
-            # fp32 logits without softcap: z is the caller's tensor itself, and the in-place
-            # steps below must not write into it. dl's rows serve as the scratch instead.
-            z = out.copy_(z)
-        g = grad[s:e].float()
-        dz = torch.exp_(z.sub_(lse[s:e, None])).mul_(-g[:, None])
-        dz.scatter_add_(1, labels[s:e].clamp(0, V - 1)[:, None], g[:, None])
-        if t is not None:
-            dz.mul_(1.0 - t * t)
-        if dz.data_ptr() != out.data_ptr():
-            out.copy_(dz)
+from .one_pass import row_ops
 
 
 class _LogitsLogProb(torch.autograd.Function):
-    """Per-token log-probs of logits; ops = (forward, backward_into) of the torch or Triton path."""
+    """Per-token log-probs of logits; ops = one_pass.row_ops(impl), the torch or Triton row operations."""
 
     @staticmethod
     def forward(ctx, logits, labels, softcap, inplace, ops):
-        logp, lse = ops[0](logits, labels, softcap)
+        logp, lse = ops[0](logits, labels, None, softcap)
         ctx.save_for_backward(logits, labels, lse)
         ctx.softcap, ctx.inplace, ctx.backward_into = softcap, inplace, ops[1]
         return logp
@@ -63,7 +29,7 @@ class _LogitsLogProb(torch.autograd.Function):
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
         dl = logits if ctx.inplace else torch.empty_like(logits)
-        ctx.backward_into(dl, logits, labels, lse, grad, ctx.softcap)
+        ctx.backward_into(dl, logits, labels, lse, grad, None, ctx.softcap)
         return dl, None, None, None, None
 
 
@@ -73,16 +39,12 @@ def logits_token_logps(batch: I.TokenBatch, softcap, impl: str, inplace: bool) -
         from .reference import reference_logits_token_logps
 
         return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap), batch)
-    if impl == "torch":
-        ops = (_forward_torch, _backward_torch_into)
-    else:
-        from . import logits_logprob_triton as T
-
-        ops = (T.forward, T.backward_into)
+    ops = row_ops(impl)
+    labels = labels.clamp(0, logits.shape[1] - 1)  # out-of-range ones become NaN in mask_token_logps
     if I.needs_autograd(logits):
         out = _LogitsLogProb.apply(logits, labels, softcap, inplace, ops)
     else:
-        out = ops[0](logits, labels, softcap)[0]
+        out = ops[0](logits, labels, None, softcap)[0]
     return mask_token_logps(out, batch)
 
 

@@ -1,13 +1,17 @@
-"""Per-token log-probs of a linear head, chunked over tokens in plain PyTorch.
+"""Per-token log-probs of a linear head in plain PyTorch: the row operations on a block of
+logits that every torch path shares, and the two-pass chunked head.
 
-The CPU default and the fallback where Triton is missing. Only tokens that carry a
-label are computed; they are taken ``chunk`` at a time, so memory is O(chunk x V) in the
-forward and the backward, which recomputes each chunk's logits instead of storing them.
+The row operations (``rows_forward``, ``rows_grad_into``) take logit rows z (any float
+dtype) and work in fp32 over small row blocks, so their temporaries stay cache-sized:
 
-    z_t      = softcap(h_t . W^T + b)               (fp32 after the product)
-    logp_t   = z_t[y_t] - logsumexp(z_t)
-    dz_t     = g_t * (onehot(y_t) - softmax(z_t)) * softcap'(u_t)
-    dh_t     = dz_t @ W,   dW += dz^T @ h,   db += sum_t dz_t
+    u_t      = z_t + b                               (bias optional)
+    c(u)     = softcap * tanh(u / softcap)            (softcap optional)
+    logp_t   = c(u_t)[y_t] - logsumexp(c(u_t))
+    dz_t     = g_t * (onehot(y_t) - softmax(c(u_t))) * c'(u_t)
+
+The two-pass head (``linear_token_logps_torch``, backward="staged") computes only the tokens
+that carry a label, ``chunk`` at a time: O(chunk x V) memory in the forward and the backward,
+which recomputes each chunk's logits. clo_kernels.one_pass is the faster default.
 """
 
 from __future__ import annotations
@@ -17,16 +21,7 @@ import torch
 from ._inputs import needs_autograd
 from .options import LogProbOptions
 
-_CHUNK_ELEMS = 1 << 23  # one fp32 [chunk, V] block of 32 MiB
-
-
-def chunk_rows(V: int, chunk_size: int | None = None) -> int:
-    """Tokens per chunk: chunk_size, or as many as keep one fp32 [chunk, V] block near 32 MiB."""
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
-    return max(1, _CHUNK_ELEMS // V)
+_ROW_BLOCK_ELEMS = 1 << 18  # fp32 temporaries of about 1 MiB per row block: they stay in cache
 
 
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
@@ -47,25 +42,64 @@ def capped(u: torch.Tensor, softcap):
     return t * softcap, t
 
 
-def linear_logits(h, weight, bias, softcap):
-    """fp32 logits of a chunk, and tanh(u / softcap) when capped."""
-    u = h @ weight.T
-    return capped(u if bias is None else u.float() + bias.float(), softcap)
+def _blocks(n: int, V: int):
+    step = max(1, _ROW_BLOCK_ELEMS // V)
+    return ((s, min(n, s + step)) for s in range(0, n, step))
+
+
+def _rows(z, bias, s, e, softcap):
+    u = z[s:e]
+    if bias is not None:
+        u = u.float() + bias.float()
+    return u, capped(u, softcap)
+
+
+def rows_forward(z: torch.Tensor, labels: torch.Tensor, bias, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse), each (n,) fp32, of logit rows z (n, V); labels (n,) already in [0, V)."""
+    n, V = z.shape
+    logp = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    for s, e in _blocks(n, V):
+        _, (c, _) = _rows(z, bias, s, e, softcap)
+        lse[s:e] = logsumexp(c)
+        logp[s:e] = c.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+    return logp, lse
+
+
+def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                   bias, softcap, db: torch.Tensor | None = None) -> None:
+    """dl (n, V) = dL/dz for per-row scales g (n,); dl may be z itself (the one-pass loop writes
+    the gradient over the logits). db, if given ((V,) fp32), gets the column sums of dz added
+    before dz is rounded to dl's dtype. Nothing else is written."""
+    n, V = z.shape
+    for s, e in _blocks(n, V):
+        u, (c, t) = _rows(z, bias, s, e, softcap)
+        out = dl[s:e]
+        if c.data_ptr() == z[s:e].data_ptr() and dl is not z:
+            # fp32 rows without bias or softcap: c is the caller's tensor itself, and the in-place
+            # steps below must not write into it. dl's rows serve as the scratch instead.
+            c = out.copy_(c)
+        gs = g[s:e].float()
+        dz = torch.exp_(c.sub_(lse[s:e, None])).mul_(-gs[:, None])
+        dz.scatter_add_(1, labels[s:e, None], gs[:, None])
+        if t is not None:
+            dz.mul_(1.0 - t * t)
+        if db is not None:
+            db += dz.sum(0)
+        if dz.data_ptr() != out.data_ptr():
+            out.copy_(dz)
 
 
 def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
     V = weight.shape[0]
-    chunk = chunk_rows(V, opts.chunk_size)
+    chunk = opts.chunk_rows(V, 4, hidden.device)
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, rows.numel(), chunk):
         r = rows[s : s + chunk]
-        z, _ = linear_logits(hidden[r], weight, bias, opts.softcap)
-        lse_c = logsumexp(z)
         # Out-of-range labels are clamped here and turned into NaN by the caller.
-        tgt = z.gather(1, labels[r].clamp(0, V - 1)[:, None]).squeeze(1)
-        out[r] = tgt - lse_c
-        lse[s : s + chunk] = lse_c
+        out[r], lse[s : s + chunk] = rows_forward(hidden[r] @ weight.T, labels[r].clamp(0, V - 1), bias,
+                                                  opts.softcap)
     return out, lse
 
 
@@ -82,7 +116,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         hidden, weight, bias, labels, rows, lse = ctx.saved_tensors
         opts = ctx.opts
         V = weight.shape[0]
-        chunk = chunk_rows(V, opts.chunk_size)
+        chunk = opts.chunk_rows(V, 4, hidden.device)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -90,18 +124,12 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         for s in range(0, rows.numel(), chunk):
             r = rows[s : s + chunk]
             h = hidden[r]
-            z, t = linear_logits(h, weight, bias, opts.softcap)
-            g = grad[r].float()
-            dz = torch.exp_(z.sub_(lse[s : s + chunk, None])).mul_(-g[:, None])
-            dz.scatter_add_(1, labels[r].clamp(0, V - 1)[:, None], g[:, None])
-            if t is not None:
-                dz.mul_(1.0 - t * t)
+            dz = (h @ weight.T).float()
+            rows_grad_into(dz, dz, labels[r].clamp(0, V - 1), lse[s : s + chunk], grad[r], bias, opts.softcap, db)
             if need_h:
                 dh[r] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 dw.addmm_(dz.T, h.float())
-            if need_b:
-                db += dz.sum(0)
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if need_b else None
         return dh, dw, db, None, None, None

@@ -1,7 +1,9 @@
-"""Fused linear log-prob in Triton: per-token log-probs straight from (hidden, weight).
+"""The two-pass fused linear log-prob in Triton: per-token log-probs straight from (hidden, weight).
 
-The forward never writes a [tokens x vocab] tensor; the backward writes one only as a
-bounded [chunk x vocab] staging buffer (or none, with backward="atomic"). For token t with label y_t:
+The default one-pass loss (clo_kernels.one_pass) uses cuBLAS products and row kernels; this
+file holds the SRAM tile kernels of the two-pass path: "staged" (the fallback where one pass
+cannot apply, and the backward of sequence_logps) and "atomic" (the lean mode, no [chunk, V]
+buffer). The forward never writes a [tokens x vocab] tensor. For token t with label y_t:
 
     z_t    = softcap(h_t . W^T + b)                 logits, built tile by tile in SRAM
     logp_t = z_t[y_t] - logsumexp(z_t)
@@ -18,9 +20,9 @@ in BLOCK_V tiles; each tile is a K-loop of tl.dot over D; an online logsumexp an
 label's logit are kept per token. The splits' partial (lse, target) are merged by a
 logsumexp over a [splits, N] tensor (a few floats per token).
 
-Backward, "staged" (default): for a chunk of tokens whose [chunk, V] dz fits in
-``stage_bytes``, a kernel recomputes the logit tiles (grouped order) and writes dz; cuBLAS
-then gives dh[chunk] = dz @ W and dW += dz^T @ h[chunk], accumulated in fp32.
+Backward, "staged": for a chunk of tokens whose [chunk, V] dz fits in ``chunk_bytes``, a
+kernel recomputes the logit tiles (grouped order) and writes dz; cuBLAS then gives
+dh[chunk] = dz @ W and dW += dz^T @ h[chunk], accumulated in fp32.
 
 Backward, "atomic": one kernel over all (token block, vocabulary block) tiles; each
 recomputes its logit tile, forms dz, and adds dz @ W[tile] into dh and dz^T @ h[block] into
@@ -34,13 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from ._inputs import needs_autograd
+from .one_pass import addmm_fp32
 from .options import LogProbOptions
 
 
@@ -321,28 +323,15 @@ def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
     return tgt - lse, lse
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with a 16-bit product accumulated into the fp32 acc (no rounding to bf16
-    of each chunk's partial dW)."""
-    if a.dtype != torch.float32 and acc.is_cuda:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):  # PyTorch without addmm(out_dtype=) for this dtype
-            warnings.warn("torch.addmm(out_dtype=float32) is unavailable: the Triton backward falls back to "
-                          "fp32 products for dW, several times slower", RuntimeWarning, stacklevel=3)
-    acc.addmm_(a.float(), b.float())
-
-
 @on_tensor_device
 def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
-    """dz for a chunk of labelled tokens into a [chunk, V] buffer of at most opts.stage_bytes,
+    """dz for a chunk of labelled tokens into a [chunk, V] buffer of at most opts.chunk_bytes,
     then dh[chunk] = dz @ W and dW += dz^T @ h[chunk] as cuBLAS products (fp32 dW)."""
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _config(opts, hidden.dtype, "tile")
     bm, bv = cfg["block_m"], cfg["block_v"]
-    chunk = max(bm, opts.stage_bytes // (V * hidden.element_size()) // bm * bm)
+    chunk = max(bm, opts.chunk_rows(V, hidden.element_size(), hidden.device) // bm * bm)
     chunk = min(chunk, triton.cdiv(N, bm) * bm)
     # The interpreter's fp32 -> bf16 store truncates (495 of 1024 random values differ from
     # round-to-nearest-even, Triton 3.9); it stages fp32 and lets torch round, as a GPU store does.
@@ -365,7 +354,7 @@ def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
         if need_h:
             dh.index_copy_(0, r, d @ weight)
         if need_w:
-            _addmm_fp32(dw, d.T, hidden.index_select(0, r))
+            addmm_fp32(dw, d.T, hidden.index_select(0, r))
         if need_b:
             db += d.sum(0, dtype=torch.float32)
     return dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None
@@ -401,7 +390,9 @@ def _backward_atomic(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
     )
 
 
-_BACKWARDS = {"staged": _backward_staged, "atomic": _backward_atomic}
+# "one_pass" lands here where the one-pass loss does not apply (sequence_logps with gradients,
+# layouts it cannot take): the two-pass staged backward.
+_BACKWARDS = {"one_pass": _backward_staged, "staged": _backward_staged, "atomic": _backward_atomic}
 
 
 class _TritonLinearLogProb(torch.autograd.Function):
@@ -424,8 +415,6 @@ class _TritonLinearLogProb(torch.autograd.Function):
 def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProbOptions) -> torch.Tensor:
     """(N,) fp32 log-probs of labelled tokens (garbage elsewhere: the caller masks); differentiable."""
     check_device(hidden)
-    if opts.backward not in _BACKWARDS:
-        raise ValueError(f"options.backward must be one of {tuple(_BACKWARDS)}, got {opts.backward!r}")
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     # The kernels read bias as a dense (V,) array (a strided view would be misread).
     bias = None if bias is None else bias.contiguous()

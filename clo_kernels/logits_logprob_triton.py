@@ -1,14 +1,16 @@
-"""Per-token log-probs from logits the caller already holds, in Triton: one pass, no copy.
+"""Row kernels over a block of logits, in Triton: one read per pass, no copy.
 
-For callers whose head is not a plain linear layer. logits (N, V) in any float dtype:
+For clo_loss_from_logits (callers whose head is not a plain linear layer) and for the
+one-pass fused loss (clo_kernels.one_pass), which hands them each chunk's logits. z (n, V)
+in any float dtype, bias (V,) optional:
 
-    z_t    = softcap(logits_t)
-    logp_t = z_t[y_t] - logsumexp(z_t)          forward: one read of the logits, fp32 in registers
-    dl_t   = g_t * (onehot(y_t) - softmax(z_t)) * (1 - (z_t / c)^2)
+    u_t    = softcap(z_t + b)
+    logp_t = u_t[y_t] - logsumexp(u_t)          rows_forward: one read of the rows, fp32 in registers
+    dz_t   = g_t * (onehot(y_t) - softmax(u_t)) * (1 - (u_t / c)^2)
 
-The backward writes dl in the logits' dtype, into a new tensor or, with inplace, over the
-logits themselves (each element is read, then written, by the same program). The
-autograd.Function is shared with the PyTorch path, in from_logits.py.
+rows_grad_into writes dz in the rows' dtype, into a new tensor or over the logits themselves
+(each element is read, then written, by the same program). The signatures are those of the
+PyTorch row operations in linear_logprob_torch.py, so callers swap one for the other.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from .linear_logprob_triton import INTERPRETED, _tanh, check_device, on_tensor_d
 
 
 @triton.jit
-def _capped(L, rows, offs_v, row_mask, v_mask, stride, softcap, SOFTCAP: tl.constexpr):
+def _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
     z = tl.load(L + rows[:, None] * stride + offs_v[None, :], mask=row_mask[:, None] & v_mask[None, :],
                 other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
         z = softcap * _tanh(z / softcap)
     return z
 
 
 @triton.jit
-def _fwd_kernel(L, Y, LOGP, LSE, N, V, stride, softcap,
-                SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _fwd_kernel(L, B, Y, LOGP, LSE,  # pointers: logits, bias, labels; outputs (N,) fp32
+                N, V, stride, softcap,  # sizes, row stride, softcap value
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,  # flags
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
@@ -41,7 +47,7 @@ def _fwd_kernel(L, Y, LOGP, LSE, N, V, stride, softcap,
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
-        z = _capped(L, rows, offs_v, row_mask, v_mask, stride, softcap, SOFTCAP)
+        z = _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -53,8 +59,10 @@ def _fwd_kernel(L, Y, LOGP, LSE, N, V, stride, softcap,
 
 
 @triton.jit
-def _bwd_kernel(L, Y, LSE, G, DL, N, V, stride, stride_dl, softcap,
-                SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bwd_kernel(L, B, Y, LSE, G, DL, DB,  # pointers: logits, bias, labels, lse, scales; outputs dz (may be L), db
+                N, V, stride, stride_dl, softcap,  # sizes, row strides, softcap value
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,  # flags
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
@@ -63,10 +71,13 @@ def _bwd_kernel(L, Y, LSE, G, DL, N, V, stride, stride_dl, softcap,
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
-        z = _capped(L, rows, offs_v, row_mask, v_mask, stride, softcap, SOFTCAP)
+        z = _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
         dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
         if SOFTCAP:
             dz = dz * (1.0 - (z / softcap) * (z / softcap))
+        dz = tl.where(row_mask[:, None], dz, 0.0)
+        if COMPUTE_DB:  # column sums in fp32, before dz is rounded to the buffer's dtype
+            tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=v_mask)
         tl.store(DL + rows[:, None] * stride_dl + offs_v[None, :], dz.to(DL.dtype.element_ty),
                  mask=row_mask[:, None] & v_mask[None, :])
 
@@ -74,28 +85,30 @@ def _bwd_kernel(L, Y, LSE, G, DL, N, V, stride, stride_dl, softcap,
 def _launch_cfg():
     # Memory-bound row sweeps: 16 rows x 1024 vocabulary entries per step keeps 64 KiB of
     # fp32 live per program; the interpreter prefers fewer, larger programs.
-    return (32, 256, 1) if INTERPRETED else (16, 1024, 8)
+    return (128, 2048, 1) if INTERPRETED else (16, 1024, 8)
 
 
 @on_tensor_device
-def forward(logits, labels, softcap):
-    """(logp, lse), each (N,) fp32, of logits (N, V)."""
-    check_device(logits)
-    N, V = logits.shape
+def rows_forward(z, labels, bias, softcap):
+    """(logp, lse), each (n,) fp32, of logit rows z (n, V) plus bias."""
+    check_device(z)
+    n, V = z.shape
     bm, bv, warps = _launch_cfg()
-    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    _fwd_kernel[(triton.cdiv(N, bm),)](logits, labels, logp, lse, N, V, logits.stride(0),
-                                       float(softcap or 0.0), SOFTCAP=softcap is not None,
-                                       BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+    logp = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    _fwd_kernel[(triton.cdiv(n, bm),)](z, z if bias is None else bias, labels, logp, lse, n, V, z.stride(0),
+                                       float(softcap or 0.0), HAS_BIAS=bias is not None,
+                                       SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
     return logp, lse
 
 
 @on_tensor_device
-def backward_into(dl, logits, labels, lse, grad, softcap) -> None:
-    """dl (N, V) = dL/dlogits for per-token gradients grad (N,); dl may be logits itself."""
-    N, V = logits.shape
+def rows_grad_into(dl, z, labels, lse, g, bias, softcap, db=None) -> None:
+    """dl (n, V) = dL/dz for per-row scales g (n,); dl may be z itself. db ((V,) fp32), if
+    given, gets the column sums of dz added before dz is rounded to dl's dtype."""
+    n, V = z.shape
     bm, bv, warps = _launch_cfg()
-    _bwd_kernel[(triton.cdiv(N, bm),)](logits, labels, lse, grad.float().contiguous(), dl, N, V,
-                                       logits.stride(0), dl.stride(0), float(softcap or 0.0),
-                                       SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+    _bwd_kernel[(triton.cdiv(n, bm),)](z, z if bias is None else bias, labels, lse, g.float().contiguous(), dl,
+                                       lse if db is None else db, n, V, z.stride(0), dl.stride(0),
+                                       float(softcap or 0.0), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+                                       COMPUTE_DB=db is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)

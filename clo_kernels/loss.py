@@ -14,6 +14,12 @@ from .options import LogProbOptions
 
 def token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
     """(N,) fp32 log-probs of batch's tokens: 0 where ignored, NaN where a label is out of range."""
+    if impl != "reference" and opts.backward == "one_pass" and not I.needs_autograd(batch.hidden, weight, bias):
+        # No gradient (the reference pass, evaluation): the one-pass loop's forward, products at
+        # matmul rate into a reused buffer.
+        from .one_pass import forward_token_logps
+
+        return mask_token_logps(forward_token_logps(batch, weight, bias, opts, impl), batch)
     if impl == "reference":
         from .reference import reference_token_logps
 
@@ -23,11 +29,9 @@ def token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: s
 
         out = linear_token_logps_torch(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
     else:
-        try:
-            from .linear_logprob_triton import linear_token_logps_triton
-        except ImportError as e:  # macOS / Windows without Triton
-            raise ImportError("impl='triton' needs the triton package; use impl='torch' without it") from e
-        out = linear_token_logps_triton(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
+        from .one_pass import triton_module
+
+        out = triton_module().linear_token_logps_triton(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
     return mask_token_logps(out, batch)
 
 
@@ -162,11 +166,17 @@ def fused_linear_clo_loss(
                               ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
                               impl=impl, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+    impl = I.resolve_impl(impl, hidden.device)
+    objective = dict(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
+                     nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
+                     num_nll_tokens=num_nll_tokens)
+    if impl != "reference" and opts.backward == "one_pass":
+        from .one_pass import clo_loss
 
-    tok = token_logps(batch, weight, bias, opts, I.resolve_impl(impl, hidden.device))
-    return clo_objective(tok, batch, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
-                         beta=beta, nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
-                         num_nll_tokens=num_nll_tokens)
+        out = clo_loss(batch, weight, bias, opts, impl, **objective)
+        if out is not None:
+            return out
+    return clo_objective(token_logps(batch, weight, bias, opts, impl), batch, **objective)
 
 
 class FusedLinearCLOLoss(nn.Module):

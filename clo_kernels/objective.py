@@ -48,6 +48,39 @@ def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
+def denominators(counts, *, chosen, nll_mask, num_pairs=None, num_nll_tokens=None):
+    """(pair denominator, NLL-token denominator or None): the global ones given, else this
+    batch's pair count and NLL-token count (at least 1; a tensor, no host sync)."""
+    p_den = _as_denominator(num_pairs if num_pairs is not None else max(chosen.numel(), 1), counts)
+    if nll_mask is None:
+        return p_den, None
+    if num_nll_tokens is None:
+        return p_den, torch.where(nll_mask, counts, 0.0).sum().clamp_min(1.0)
+    return p_den, _as_denominator(num_nll_tokens, counts)
+
+
+def sequence_grad(sums, counts, *, chosen, rejected, nll_mask, ref_logps, beta: float, nll_weight: float,
+                  average_logps: bool, p_den, n_tok) -> torch.Tensor:
+    """(S,) dL/dsums[s] of clo_objective: the gradient scale every token of sequence s shares.
+
+    Pair p with margin m_p adds -/+ (1 - nll_weight) * beta * sigmoid(-m_p) / p_den to its
+    chosen / rejected sequence (divided by the token count with average_logps); an NLL
+    sequence adds -nll_weight / n_tok. A pair's entries depend only on its own two sums, so
+    they are final as soon as those are, whatever the other sums hold."""
+    den = counts.clamp_min(1.0)
+    logps = sums / den if average_logps else sums
+    policy = logps if ref_logps is None else logps - ref_logps.to(logps.dtype)
+    margins = beta * (_pick(policy, chosen) - _pick(policy, rejected))
+    coef = (1.0 - nll_weight) * beta * torch.sigmoid(-margins) / p_den
+    last = max(sums.shape[0] - 1, 0)  # out-of-range indices (validate=False) gave NaN margins above
+    d = torch.zeros_like(sums).index_add_(0, chosen.clamp(0, last), -coef).index_add_(0, rejected.clamp(0, last), coef)
+    if average_logps:
+        d = d / den
+    if nll_mask is not None:
+        d = d - torch.where(nll_mask, nll_weight / n_tok, 0.0)
+    return d
+
+
 def clo_objective(
     token_logps: torch.Tensor,
     batch: TokenBatch,
@@ -70,15 +103,13 @@ def clo_objective(
     chosen_rewards = beta * _pick(policy, chosen)
     rejected_rewards = beta * _pick(policy, rejected)
     margins = chosen_rewards - rejected_rewards
-    p_den = _as_denominator(num_pairs if num_pairs is not None else max(chosen.numel(), 1), logps)
+    p_den, n_tok = denominators(counts, chosen=chosen, nll_mask=nll_mask, num_pairs=num_pairs,
+                                num_nll_tokens=num_nll_tokens)
     loss_cl = F.softplus(-margins).sum() / p_den
 
     if nll_mask is not None:
         # where, not multiply: a NaN in a sequence outside the NLL term stays out of it.
-        nll_sum = -torch.where(nll_mask, sums, 0.0).sum()
-        n_tok = (torch.where(nll_mask, counts, 0.0).sum().clamp_min(1.0) if num_nll_tokens is None
-                 else _as_denominator(num_nll_tokens, logps))
-        loss_nll = nll_sum / n_tok
+        loss_nll = -torch.where(nll_mask, sums, 0.0).sum() / n_tok
     else:
         loss_nll = logps.new_zeros(())
 

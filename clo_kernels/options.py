@@ -1,4 +1,4 @@
-"""Non-tensor options of the per-token log-prob ops, in one frozen dataclass.
+"""Non-tensor options of the fused ops, in one frozen dataclass.
 
 One object travels through ``autograd.Function.apply`` so that ``backward`` returns a
 single ``None`` for all of them (the pattern of Cut Cross-Entropy's ``cce.py``).
@@ -8,28 +8,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Default size of the [chunk, V] logits buffer, per device type; measured in benchmarks/NOTES.md.
+DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 2**30}
+BACKWARDS = ("one_pass", "staged", "atomic")
+
 
 @dataclass(frozen=True)
 class LogProbOptions:
     ignore_index: int = -100
     softcap: float | None = None
-    # Triton backward:
-    # "staged": a Triton kernel recomputes the logit tiles of a chunk of tokens and writes
-    #   dz = dL/dlogits for them into a [chunk, V] buffer of at most stage_bytes; two cuBLAS
-    #   products then give dh and the fp32 dW. On an H200 (bf16, 16384 x 4096 x 128256) its
-    #   backward took 92 ms, the atomic kernel's 866 ms, bound by its fp32 atomics.
-    # "atomic": one kernel, no buffer: each tile adds its share into dh and dW with fp32
-    #   atomics, and skips tiles whose softmax is negligible (filter_eps). Pays off when few
-    #   tiles are active (a vocabulary sorted by frequency, a peaked softmax).
-    backward: str = "staged"
-    stage_bytes: int = 512 * 2**20
+    # How the gradient is computed (clo_kernels.one_pass has the details and the memory of each):
+    # "one_pass": in the forward, chunk by chunk of whole pairs, from the chunk's logits while they
+    #   are at hand (three matrix products per chunk, no recompute); the backward only scales the
+    #   saved gradients. Layouts it cannot take (a pair larger than a chunk, a reference that needs
+    #   a gradient) fall back to "staged" and say so once. impl="torch" and impl="triton".
+    # "staged": the two-pass path: log-probs in the forward, logits recomputed in the backward
+    #   (impl="triton": a Triton kernel writes dz for a chunk, cuBLAS gives dh and dW; impl="torch":
+    #   chunked PyTorch).
+    # "atomic" (impl="triton"), the lean mode: no [chunk, V] buffer at all. SRAM tile kernels in both
+    #   passes; each backward tile adds its share into dh and dW with fp32 atomics and skips tiles
+    #   whose softmax is negligible (filter_eps).
+    backward: str = "one_pass"
+    # Bytes of the [chunk, V] logits buffer ("one_pass", "staged", and the torch paths); None =
+    # DEFAULT_CHUNK_BYTES for the device.
+    chunk_bytes: int | None = None
     # Atomic backward's tile skipping: a tile whose softmax stays below filter_eps everywhere
     # and that holds no label changes the gradients by at most filter_eps * |g| per entry.
     # None = exact. "auto" = 2**-12 for bf16/fp16 inputs, exact for fp32.
     filter_eps: float | str | None = "auto"
-    # Torch path: tokens per chunk; None = as many as keep one fp32 [chunk, V] block near 32 MiB.
-    chunk_size: int | None = None
-    # Triton launch configuration; None picks the defaults of clo_kernels.linear_logprob_triton.
+    # Triton tile-kernel launch configuration; None picks the defaults of clo_kernels.linear_logprob_triton.
     block_m: int | None = None
     block_v: int | None = None
     block_k: int | None = None
@@ -37,6 +44,17 @@ class LogProbOptions:
     num_stages: int | None = None
     num_splits: int | None = None  # forward: vocabulary splits per token block (None = fill the GPU)
     group_m: int = 8  # backward: token blocks per group in the tile order (L2 reuse of weight tiles)
+
+    def __post_init__(self):
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"options.backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.chunk_bytes is not None and self.chunk_bytes < 1:
+            raise ValueError(f"options.chunk_bytes must be >= 1, got {self.chunk_bytes}")
+
+    def chunk_rows(self, V: int, element_size: int, device) -> int:
+        """Tokens per [chunk, V] buffer of this many bytes per element (at least one)."""
+        budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(getattr(device, "type", str(device)), 2**26)
+        return max(1, budget // (V * element_size))
 
     def resolved_filter_eps(self, dtype) -> float | None:
         import torch

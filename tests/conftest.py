@@ -41,12 +41,17 @@ def impls():
 def _variants():
     from clo_kernels import LogProbOptions as O
 
+    # One-pass chunks of 96 KiB: 47 fp32 tokens at V 517, a few pairs, so most calls run several
+    # chunks (and a 48-token pair at V 1000 falls back to the two-pass path). Two-pass: 1 byte =
+    # one row (torch) or one token block (triton) per chunk.
     v = {"reference": ("reference", None), "torch": ("torch", None),
-         "torch-chunk7": ("torch", O(chunk_size=7))}  # many chunks, a ragged last one
+         "torch-chunks": ("torch", O(chunk_bytes=96 * 2**10)),
+         "torch-two-pass": ("torch", O(backward="staged", chunk_bytes=7 * 517 * 4))}  # ragged last chunk
     if HAVE_TRITON:
         v.update({
             "triton": ("triton", None),
-            "triton-stage1": ("triton", O(stage_bytes=1)),  # one token block per staged chunk
+            "triton-chunks": ("triton", O(chunk_bytes=96 * 2**10)),
+            "triton-staged": ("triton", O(backward="staged", chunk_bytes=1)),
             "triton-atomic": ("triton", O(backward="atomic")),
             "triton-atomic-exact": ("triton", O(backward="atomic", filter_eps=None)),
         })

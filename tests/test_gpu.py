@@ -37,7 +37,7 @@ def _loss_and_grads(h, w, y, kw, impl, cast=None):
     return out.loss.detach().double(), out.logps.double(), gh, gw
 
 
-@pytest.mark.parametrize("backward", ["staged", "atomic"])
+@pytest.mark.parametrize("backward", ["one_pass", "staged", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_real_size_against_fp64(dtype, backward):
     h, w, y, kw = _batch(dtype)
@@ -59,26 +59,30 @@ def test_atomic_exact_mode_matches_filtered_bf16():
     assert rel_err(filt[2], exact[2]) < 5e-3 and rel_err(filt[3], exact[3]) < 5e-3
 
 
-def test_triton_memory_is_inputs_and_gradients_only():
-    """Peak extra memory of forward + backward: the fp32 gradient accumulators and little else."""
+@pytest.mark.parametrize("backward", ["one_pass", "staged"])
+def test_triton_memory_is_inputs_and_gradients_only(backward):
+    """Peak extra memory of forward + backward: the gradients, the fp32 dW accumulator, one
+    [chunk, V] buffer and little else."""
     h, w, y, kw = _batch(torch.bfloat16, S=16, T=1024)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = ck.fused_linear_clo_loss(h, w, y, impl="triton", **kw)
+    out = ck.fused_linear_clo_loss(h, w, y, impl="triton", options=ck.LogProbOptions(backward=backward), **kw)
     out.loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     N = h.shape[0] * h.shape[1]
     grads_bf16 = (N + V) * D * 2
     accum_fp32 = V * D * 4  # the fp32 dW accumulator
-    stage = ck.LogProbOptions().stage_bytes
+    from clo_kernels.options import DEFAULT_CHUNK_BYTES
+
+    stage = DEFAULT_CHUNK_BYTES["cuda"]
     assert extra < grads_bf16 + accum_fp32 + stage + 256 * 2**20, extra / 2**20
     assert extra < N * V * 2  # one bf16 [N, V] logits tensor would be 4 GiB here
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a tensor off the current device")
-@pytest.mark.parametrize("backward", ["staged", "atomic"])
+@pytest.mark.parametrize("backward", ["one_pass", "staged", "atomic"])
 def test_tensors_on_another_gpu_run_there(backward):
     """Triton launches on the current device; the kernels must follow their tensors to cuda:1."""
     from helpers import make_case

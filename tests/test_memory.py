@@ -19,13 +19,13 @@ from conftest import HAVE_TRITON
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import clo_kernels as ck
-    impl, N, V, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    # Triton: large tiles (the interpreter is slow per program) and the staged backward's
-    # buffer capped at 16 MiB, a 256-token [chunk, V] block (an eighth of one fp32 [N, V]).
-    opts = (ck.LogProbOptions(block_m=128, block_v=1024, block_k=16, stage_bytes=16 * 2**20)
-            if impl == "triton" else None)
+    impl, backward, N, V, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    # [chunk, V] buffers of 32 MiB (an eighth to a sixteenth of one fp32 [N, V]); for Triton large
+    # tiles too (the interpreter is slow per program).
+    tiles = dict(block_m=128, block_v=1024, block_k=16) if impl == "triton" else {}
+    opts = ck.LogProbOptions(backward=backward, chunk_bytes=32 * 2**20, **tiles) if impl != "reference" else None
     torch.manual_seed(0)
-    S = 8
+    S = 64  # pairs of 2 x N / 64 tokens: a pair fits a chunk
     h = torch.randn(N, D, requires_grad=True)
     w = (torch.randn(V, D) * 0.1).requires_grad_()
     y = torch.randint(0, V, (N,))
@@ -43,15 +43,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_growth(impl: str, N: int, V: int, D: int) -> int:
+def _peak_growth(impl: str, backward: str, N: int, V: int, D: int) -> int:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT, impl, str(N), str(V), str(D)], env=env,
+    res = subprocess.run([sys.executable, "-c", SCRIPT, impl, backward, str(N), str(V), str(D)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return int(res.stdout.strip().splitlines()[-1])
 
 
-CASES = [("torch", 8192, 32768, 32)] + ([("triton", 4096, 32768, 16)] if HAVE_TRITON else [])
+CASES = [("torch", "one_pass", 8192, 32768, 32), ("torch", "staged", 8192, 32768, 32)] + (
+    [("triton", "one_pass", 4096, 32768, 16), ("triton", "staged", 4096, 32768, 16)] if HAVE_TRITON else [])
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,8 @@ def control_growth():
     """The naive path at the torch case's size: it builds several fp32 [N, V] tensors, so its
     peak must grow by more than one of them. Where peak RSS cannot be observed (seen in one
     GPU machine's sandbox, where it grew by 0) the memory tests are skipped, not passed."""
-    impl, N, V, D = CASES[0]
-    growth = _peak_growth("reference", N, V, D)
+    _, _, N, V, D = CASES[0]
+    growth = _peak_growth("reference", "one_pass", N, V, D)
     if growth == 0:
         pytest.skip("peak RSS growth is not observable on this machine")
     return growth, N * V * 4
@@ -71,9 +72,9 @@ def test_control_reference_is_caught(control_growth):
     assert growth > one_nv, f"reference grew only {growth / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("impl,N,V,D", CASES)
-def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, N, V, D, control_growth):
+@pytest.mark.parametrize("impl,backward,N,V,D", CASES)
+def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, backward, N, V, D, control_growth):
     nv_bytes = N * V * 4  # one fp32 [N, V] tensor: 1 GiB (torch case), 512 MiB (triton case)
     grads_bytes = (N + V) * D * 4 * 3  # gradients, fp32 accumulators, inputs' copies: a few MiB
-    growth = _peak_growth(impl, N, V, D)
-    assert growth < nv_bytes // 4 + grads_bytes, f"{impl}: peak grew {growth / 2**20:.0f} MiB"
+    growth = _peak_growth(impl, backward, N, V, D)
+    assert growth < nv_bytes // 4 + grads_bytes, f"{impl} {backward}: peak grew {growth / 2**20:.0f} MiB"

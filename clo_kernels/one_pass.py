@@ -1,0 +1,276 @@
+"""The one-pass fused CLO loss: the gradient computed in the forward, chunk by chunk of whole pairs.
+
+Every token of sequence s shares one gradient scale g_s = dL/dsums[s], which depends only on
+the pairs s belongs to and on the global denominators (objective.sequence_grad). So once a
+chunk holds whole pairs, its gradient is known while its logits are at hand:
+
+    z          = h[chunk] @ W^T                 one product into a reused [chunk, V] buffer
+    logp, lse  = row pass over z (+ b, softcap)  Triton row kernel on CUDA, PyTorch row blocks on the CPU
+    sums[s]   += logp over the chunk's tokens    the chunk's sequences are complete now
+    g          = sequence_grad(sums)[seq]        on the device, no host synchronisation
+    z         := g * (onehot(y) - softmax) * softcap'      written over the logits
+    dh[chunk]  = z @ W        dW += z^T @ h[chunk] (fp32)        db += sum_t z_t
+
+6NDV FLOPs in three products per chunk, where a design that recomputes the logits in the
+backward does 8NDV. The backward only multiplies the saved gradients by grad_output, and no
+gradient work is done under torch.no_grad() or when no input needs a gradient (then only the
+first two lines run: that is also the forward of ``sequence_logps`` without gradients).
+
+Chunks: sequences joined by pairs (a sequence in two pairs joins both) form groups, found once
+by a union-find over the (P,) pair indices; the labelled tokens are sorted by (chunk, position)
+once on the device, so packed input with seq_ids in any order works. That plan costs the one
+host synchronisation of the call (token counts per sequence and the pair indices, a few
+hundred integers). Layouts it cannot take fall back to the two-pass path and say so once: a
+group with more labelled tokens than a chunk, or a ref_logps that needs a gradient.
+
+Memory, beyond inputs and gradients: the [chunk, V] buffer of ``options.chunk_bytes``
+(DEFAULT_CHUNK_BYTES per device) and, for a 16-bit weight, the fp32 dW accumulator (V x D x 4
+bytes) during the forward; dh (N, D), dW and db (in the inputs' dtypes) are kept from the
+forward to the backward. The lean mode (backward="atomic") keeps no buffer at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import _inputs as I
+from .objective import CLOOutput, clo_objective, denominators, sequence_grad
+from .options import LogProbOptions
+
+_warned: set[str] = set()
+
+
+def triton_module(name: str = "linear_logprob_triton"):
+    """A Triton module of this package, imported on first use (macOS / Windows have no Triton)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ImportError as e:
+        raise ImportError("impl='triton' needs the triton package; use impl='torch' without it") from e
+
+
+def row_ops(impl: str):
+    """(rows_forward, rows_grad_into) of impl "torch" or "triton": same signatures, swappable."""
+    if impl == "torch":
+        from .linear_logprob_torch import rows_forward, rows_grad_into
+
+        return rows_forward, rows_grad_into
+    rows = triton_module("logits_logprob_triton")
+    return rows.rows_forward, rows.rows_grad_into
+
+
+def _interpreted() -> bool:
+    return triton_module().INTERPRETED
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    order: torch.Tensor  # (n,) labelled token rows, grouped by chunk, in position order within one
+    bounds: tuple[tuple[int, int], ...]  # [start, end) of each chunk in ``order``
+
+
+def _token_order(batch: I.TokenBatch, chunk_of_seq: list[int], n_valid: int) -> torch.Tensor:
+    """Labelled tokens sorted by (chunk of their sequence, position): one device sort."""
+    N = batch.labels.numel()
+    dev = batch.labels.device
+    pos = torch.arange(N, device=dev)
+    key = torch.tensor(chunk_of_seq, dtype=torch.long, device=dev)[batch.seq_ids] * N + pos
+    key = torch.where(batch.valid, key, torch.iinfo(torch.long).max)
+    return torch.argsort(key)[:n_valid]
+
+
+def plan_chunks(batch: I.TokenBatch, chosen: torch.Tensor | None, rejected: torch.Tensor | None,
+                max_rows: int) -> Plan | str:
+    """Chunks of whole groups of paired sequences with at most ``max_rows`` labelled tokens each,
+    or why there are none. Without pairs (a forward without gradients) every sequence is a group
+    of its own and a sequence may span chunks."""
+    S = batch.num_seqs
+    counts = torch.zeros(S, dtype=torch.long, device=batch.labels.device).index_add_(
+        0, batch.seq_ids, batch.valid.long())
+    if chosen is None:
+        n = int(counts.sum())
+        order = _token_order(batch, [0] * S, n)
+        return Plan(order, tuple((s, min(n, s + max_rows)) for s in range(0, n, max_rows)))
+    host = torch.cat([counts, chosen.long(), rejected.long()]).tolist()  # the call's one host sync
+    counts, P = host[:S], chosen.numel()
+    parent = list(range(S))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(host[S:S + P], host[S + P:], strict=True):
+        if 0 <= a < S and 0 <= b < S:  # out of range only with validate=False: the loss is NaN anyway
+            parent[root(a)] = root(b)
+    groups: dict[int, list[int]] = {}
+    for s in range(S):
+        groups.setdefault(root(s), []).append(s)
+    chunk_of_seq, bounds, start, size = [0] * S, [], 0, 0
+    for members in groups.values():
+        n = sum(counts[s] for s in members)
+        if n > max_rows:
+            return (f"sequences {members[:4]}{'...' if len(members) > 4 else ''}, joined by pairs, hold {n} labelled "
+                    f"tokens, more than one chunk of {max_rows} (options.chunk_bytes)")
+        if size and size + n > max_rows:
+            bounds.append((start, start + size))
+            start, size = start + size, 0
+        for s in members:
+            chunk_of_seq[s] = len(bounds)
+        size += n
+    if size:
+        bounds.append((start, start + size))
+    return Plan(_token_order(batch, chunk_of_seq, start + size), tuple(bounds))
+
+
+def fall_back(kind: str, reason: str) -> None:
+    """Say once per kind of reason that a call takes the two-pass path."""
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"clo_kernels: the one-pass loss cannot take this layout ({reason}); it runs the two-pass "
+                      "path (backward='staged'), which recomputes the logits in the backward", RuntimeWarning,
+                      stacklevel=4)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def addmm_fp32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (acc None: a @ b), with 16-bit products accumulated in fp32 (no
+    rounding of a chunk's partial dW to bf16) and no pass over a zero-filled accumulator."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (RuntimeError, TypeError):  # PyTorch without mm(out_dtype=) for this dtype
+            warnings.warn("torch.mm(out_dtype=float32) is unavailable: dW falls back to fp32 products, several "
+                          "times slower", RuntimeWarning, stacklevel=3)
+    a, b = a.float(), b.float()
+    return a @ b if acc is None else acc.addmm_(a, b)
+
+
+@dataclass
+class _Loop:
+    """One call's inputs; ``run`` fills ``output`` (a CLOOutput) and returns (dh, dW, db)."""
+
+    batch: I.TokenBatch
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    opts: LogProbOptions
+    impl: str
+    plan: Plan
+    objective: dict  # the clo_objective keywords (chosen, rejected, nll_mask, ref_logps, beta, ...)
+    need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
+    output: CLOOutput | None = None
+
+    def token_logps(self) -> tuple[torch.Tensor, tuple]:
+        batch, weight, opts = self.batch, self.weight, self.opts
+        bias = None if self.bias is None else self.bias.contiguous()  # the row kernels read (V,) densely
+        hidden, seq = batch.hidden, batch.seq_ids
+        N, V = hidden.shape[0], weight.shape[0]
+        need_h, need_w, need_b = self.need
+        grads = need_h or need_w or need_b
+        fwd, grad_into = row_ops(self.impl)
+        labels = batch.labels.clamp(0, V - 1)  # out of range only with validate=False: NaN below
+        # The Triton interpreter's bf16 stores truncate; it keeps fp32 logits (bf16-rounded by the
+        # product, as on a GPU) and lets torch round dz.
+        buf_dtype = torch.float32 if self.impl == "triton" and _interpreted() else hidden.dtype
+        rows_max = max((e - s for s, e in self.plan.bounds), default=0)
+        buf = torch.empty((rows_max, V), dtype=buf_dtype, device=hidden.device)
+        tok = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(batch.num_seqs, dtype=torch.float32, device=hidden.device)
+        if grads:
+            obj = self.objective
+            counts = torch.zeros_like(sums).index_add_(0, seq, batch.valid.float())
+            p_den, n_tok = denominators(counts, chosen=obj["chosen"], nll_mask=obj["nll_mask"],
+                                        num_pairs=obj["num_pairs"], num_nll_tokens=obj["num_nll_tokens"])
+            scale_args = {k: obj[k] for k in ("chosen", "rejected", "nll_mask", "ref_logps", "beta", "nll_weight")}
+        dh = torch.zeros_like(hidden) if need_h else None
+        dw, db = None, (torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None)
+        for start, end in self.plan.bounds:
+            rows = self.plan.order[start:end]
+            h = hidden.index_select(0, rows)
+            z = buf[: end - start]
+            if z.dtype == h.dtype:
+                torch.mm(h, weight.T, out=z)
+            else:
+                z.copy_(h @ weight.T)
+            y, s = labels[rows], seq[rows]
+            logp, lse = fwd(z, y, bias, opts.softcap)
+            if batch.bad_token is not None:
+                logp = torch.where(batch.bad_token[rows], float("nan"), logp)
+            tok[rows] = logp
+            sums.index_add_(0, s, logp)
+            if not grads:
+                continue
+            g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
+                              **scale_args)[s]
+            grad_into(z, z, y, lse, g, bias, opts.softcap, db)  # z := dL/dz (db += its column sums)
+            dz = z.to(hidden.dtype)
+            if need_h:
+                dh.index_copy_(0, rows, dz @ weight)
+            if need_w:
+                dw = addmm_fp32(dw, dz.T, h)
+        if need_w:
+            dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if dw is None else dw
+        return tok, (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None)
+
+    def run(self) -> tuple:
+        tok, grads = self.token_logps()
+        from .loss import mask_token_logps
+
+        with torch.no_grad():
+            self.output = clo_objective(mask_token_logps(tok, self.batch), self.batch, **self.objective)
+        return grads
+
+
+class _OnePassCLO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loop: _Loop):
+        ctx.grads = loop.run()
+        return loop.output.loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (*(None if g is None else g * grad_output for g in ctx.grads), None)
+
+
+def clo_loss(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str, **objective) -> CLOOutput | None:
+    """The CLO loss of ``batch`` in one pass, or None where the layout needs the two-pass path
+    (said once per reason). ``objective``: clo_objective's keywords."""
+    hidden = batch.hidden
+    need = tuple(I.needs_autograd(t) for t in (hidden, weight, bias))
+    ref = objective.get("ref_logps")
+    if ref is not None and I.needs_autograd(ref):
+        fall_back("ref grad", "ref_logps requires a gradient")
+        return None
+    buf_size = 4 if impl == "triton" and _interpreted() else hidden.element_size()
+    max_rows = opts.chunk_rows(weight.shape[0], buf_size, hidden.device)
+    plan = plan_chunks(batch, objective["chosen"], objective["rejected"], max_rows) if any(need) else \
+        plan_chunks(batch, None, None, max_rows)
+    if isinstance(plan, str):
+        fall_back("group size", plan)
+        return None
+    loop = _Loop(batch, weight, bias, opts, impl, plan, objective, need)
+    if not any(need):
+        loop.run()
+        return loop.output
+    loss = _OnePassCLO.apply(hidden, weight, bias, loop)
+    out = loop.output
+    return CLOOutput(loss=loss, logps=out.logps, metrics=out.metrics)
+
+
+def forward_token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
+    """(N,) fp32 token log-probs without gradients (0 at unlabelled tokens, before masking)."""
+    buf_size = 4 if impl == "triton" and _interpreted() else batch.hidden.element_size()
+    plan = plan_chunks(batch, None, None, opts.chunk_rows(weight.shape[0], buf_size, batch.hidden.device))
+    return _Loop(batch, weight, bias, opts, impl, plan, {}, (False, False, False)).token_logps()[0]
