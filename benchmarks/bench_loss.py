@@ -22,8 +22,13 @@ forward and backward to the hidden states and the lm_head weight:
   trl            TRL's ChunkedLogProbFunction, the fused LM head of its DPOTrainer: cuBLAS on [4096, 32768]
                  tiles folded by Triton (torch ops on CPU), per-token log-probs only (the trainer also asks for
                  entropy and metrics); sequence sums and the CLO loss in PyTorch
-  clo torch      fused_linear_clo_loss(impl="torch"): this project's chunked PyTorch path
-  clo triton     fused_linear_clo_loss(impl="triton"): this project's fused kernels (CUDA only here)
+  clo torch      fused_linear_clo_loss(impl="torch"): this project's one-pass loss in PyTorch (gradients
+                 computed in the forward, chunk by chunk of whole pairs; clo_kernels/one_pass.py)
+  clo torch 2-pass   the same with backward="staged": log-probs first, logits recomputed in the backward
+  clo triton     fused_linear_clo_loss(impl="triton"): the one-pass loss with cuBLAS products and Triton row
+                 kernels (CUDA only here)
+  clo triton 2-pass  backward="staged": Triton tile-kernel forward, recompute into a staging buffer
+  clo triton lean    backward="atomic", the lean mode: tile kernels both ways, no [chunk, V] buffer
 
 Modes: every timed repetition runs the forward then the backward, and the three modes are read off
 the same runs (CUDA events, or perf_counter on CPU, at start, between and end): "fwd" (the loss with
@@ -104,6 +109,8 @@ HEADS = {
     "smollm2-135m": Head("SmolLM2-135M", 576, 49152),
     # CPU: Gemma-2-2B's head with D and V divided by 8, to run its softcap at a size 2 cores manage.
     "gemma2-2b/8": Head("Gemma-2-2B / 8", 288, 32000, 30.0),
+    # CPU: the one-pass issue's target shape (N 4096, D 256, V 50,000, fp32).
+    "cpu-256x50k": Head("D 256 x V 50k", 256, 50000),
 }
 
 
@@ -396,13 +403,15 @@ def _build_trl(b: Batch, device):
     return loss, [b.hidden, b.weight], note
 
 
-def _build_clo(impl: str):
+def _build_clo(impl: str, backward: str = "one_pass"):
+    options = ck.LogProbOptions(backward=backward)
+
     def build(b: Batch, device):
         def loss():
             return ck.fused_linear_clo_loss(b.hidden, b.weight, b.labels, chosen=b.chosen, rejected=b.rejected,
                                             nll_mask=b.nll_mask, ref_logps=b.ref_logps, beta=b.beta,
                                             nll_weight=b.nll_weight, softcap=b.softcap, impl=impl,
-                                            validate=False).loss
+                                            validate=False, options=options).loss
 
         return loss, [b.hidden, b.weight], ""
 
@@ -415,8 +424,11 @@ CONTENDERS = {c.name: c for c in [
     Contender("liger", "liger-kernel", _build_liger, grads_in_forward=True, variant="liger"),
     Contender("cce", "cut-cross-entropy", _build_cce),
     Contender("trl", "trl", _build_trl),
-    Contender("clo torch", None, _build_clo("torch")),
-    Contender("clo triton", None, _build_clo("triton"), cuda_only=True),
+    Contender("clo torch", None, _build_clo("torch"), grads_in_forward=True),
+    Contender("clo torch 2-pass", None, _build_clo("torch", "staged")),
+    Contender("clo triton", None, _build_clo("triton"), cuda_only=True, grads_in_forward=True),
+    Contender("clo triton 2-pass", None, _build_clo("triton", "staged"), cuda_only=True),
+    Contender("clo triton lean", None, _build_clo("triton", "atomic"), cuda_only=True),
 ]}
 _MODULES = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy", "trl": "trl"}
 
@@ -429,7 +441,7 @@ def unavailable(c: Contender, device: torch.device, *, interpreter_ok: bool = Fa
         if interpreter_ok and os.environ.get("TRITON_INTERPRET") == "1":
             return None
         return "needs CUDA: Triton kernels (the Triton CPU interpreter is a correctness tool, not timed)"
-    if c.name == "clo triton" and importlib.util.find_spec("triton") is None:
+    if c.name.startswith("clo triton") and importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     return None
 
@@ -518,50 +530,84 @@ def _summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "times_ms": times}
 
 
+def _clear(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _cpu_once(fn: Callable, leaves) -> tuple[float, float]:
+    """(fwd ms, bwd ms) of one forward + backward, wall clock."""
+    t0 = time.perf_counter()
+    loss = fn()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    del loss
+    _clear(leaves)
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def _modes(fwd: list[float], bwd: list[float], mem=None) -> dict:
+    fwd_bwd = [a + b for a, b in zip(fwd, bwd, strict=True)]
+    return {"fwd": _summary(fwd), "bwd": _summary(bwd), "fwd+bwd": _summary(fwd_bwd), "peak_extra_bytes": mem or None}
+
+
+def time_interleaved(fns: dict[str, tuple[Callable, list]], *, reps: int, warmup: int) -> dict[str, dict]:
+    """CPU: every method's forward + backward, one run each per round, ``reps`` rounds after ``warmup``
+    runs each. This machine's speed drifts by tens of percent within minutes (a VM sharing its host);
+    rounds make every method meet the same drift, so their ratios stay honest where back-to-back blocks
+    of one method's runs do not. A method that fails is a result, not a crash."""
+    out: dict[str, dict] = {}
+    live = dict(fns)
+    times: dict[str, tuple[list, list]] = {n: ([], []) for n in fns}
+    for rnd in range(-warmup, reps):
+        for name, (fn, leaves) in list(live.items()):
+            try:
+                f, b = _cpu_once(fn, leaves)
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                del live[name]
+                continue
+            if rnd >= 0:
+                times[name][0].append(f)
+                times[name][1].append(b)
+    for name in live:
+        out[name] = _modes(*times[name])
+    return out
+
+
 def time_modes(fn: Callable, leaves: list[torch.Tensor], *, reps: int, warmup: int, cuda: bool) -> dict:
     """Run forward then backward reps times after warmup runs; fwd, bwd and fwd+bwd are read off the same
     runs. On CUDA the first timed run also gives the peak extra memory (allocator statistics are host-side,
     so reading them between the events costs the GPU nothing)."""
-
-    def clear():
-        for t in leaves:
-            t.grad = None
-
     for _ in range(warmup):
         fn().backward()
-        clear()
+        _clear(leaves)
+    if not cuda:
+        fwd, bwd = zip(*(_cpu_once(fn, leaves) for _ in range(reps)), strict=True)
+        return _modes(list(fwd), list(bwd))
     fwd, bwd, mem = [], [], {}
     for i in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-            if i == 0:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            ev[0].record()
-            loss = fn()
-            ev[1].record()
-            if i == 0:
-                mem["fwd"] = torch.cuda.max_memory_allocated() - base
-            loss.backward()
-            ev[2].record()
-            if i == 0:
-                mem["fwd+bwd"] = torch.cuda.max_memory_allocated() - base
-            torch.cuda.synchronize()
-            fwd.append(ev[0].elapsed_time(ev[1]))
-            bwd.append(ev[1].elapsed_time(ev[2]))
-        else:
-            t0 = time.perf_counter()
-            loss = fn()
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            fwd.append((t1 - t0) * 1e3)
-            bwd.append((t2 - t1) * 1e3)
+        torch.cuda.synchronize()
+        if i == 0:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record()
+        loss = fn()
+        ev[1].record()
+        if i == 0:
+            mem["fwd"] = torch.cuda.max_memory_allocated() - base
+        loss.backward()
+        ev[2].record()
+        if i == 0:
+            mem["fwd+bwd"] = torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize()
+        fwd.append(ev[0].elapsed_time(ev[1]))
+        bwd.append(ev[1].elapsed_time(ev[2]))
         del loss
-        clear()
-    fwd_bwd = [a + b for a, b in zip(fwd, bwd, strict=True)]
-    return {"fwd": _summary(fwd), "bwd": _summary(bwd), "fwd+bwd": _summary(fwd_bwd), "peak_extra_bytes": mem or None}
+        _clear(leaves)
+    return _modes(fwd, bwd, mem)
 
 
 def matmul_tflops(device: torch.device) -> float:
@@ -692,10 +738,13 @@ def run_grid(cases: list[Case], names: list[str], *, device: torch.device, dtype
             print(f"\n== [{info['started_s']:.0f} s] {case.label()}: D {head.D} V {head.V} softcap {head.softcap}; "
                   f"entropy {st['mean_entropy_nats']:.2f} nats, median top p {st['median_top_prob']:.2f}, "
                   f"{st['mean_above_2^-12']:.0f} above 2^-12; floor {info['floor_ms']['fwd+bwd']:.1f} ms", flush=True)
-            timed = {}
-            for name in names:
-                timed[name] = _measure(case, name, b, device=device, reps=reps, warmup=warmup, deadline=deadline)
-                _free(cuda)
+            if cuda:
+                timed = {}
+                for name in names:
+                    timed[name] = _measure(case, name, b, device=device, reps=reps, warmup=warmup, deadline=deadline)
+                    _free(cuda)
+            else:
+                timed = _measure_cpu(case, names, b, reps=reps, warmup=warmup, deadline=deadline)
             # CPU memory: each method in a fresh process, two at a time (one thread each), after the timings
             # so that they do not share the cores with them. It does not depend on the values: trained only.
             if memory and not cuda and case.inputs == "trained":
@@ -742,6 +791,31 @@ def _measure(case: Case, name: str, b: Batch, *, device, reps: int, warmup: int,
     print(f"  {name:14s} fwd {t['fwd']['median_ms']:9.1f} ms  bwd {t['bwd']['median_ms']:9.1f} ms  fwd+bwd "
           f"{t['fwd+bwd']['median_ms']:9.1f} ms{mem_s}{'  [' + note + ']' if note else ''}", flush=True)
     return t
+
+
+def _measure_cpu(case: Case, names: list[str], b: Batch, *, reps: int, warmup: int, deadline: float) -> dict:
+    """Times of every method on one case, interleaved round by round (time_interleaved)."""
+    device, out, fns, notes = torch.device("cpu"), {}, {}, {}
+    for name in names:
+        c = CONTENDERS[name]
+        reason = unavailable(c, device) or ("time budget spent" if time.monotonic() > deadline else None)
+        if reason:
+            print(f"  {name:14s} skipped: {reason}", flush=True)
+            out[name] = {"skipped": reason}
+            continue
+        fn, leaves, note = c.build(b.detached(), device)
+        fns[name] = (fn, leaves)
+        notes[name] = "; ".join(x for x in (note, "gradients computed in the forward" if c.grads_in_forward else "")
+                                if x)
+    for name, t in time_interleaved(fns, reps=reps, warmup=warmup).items():
+        if "error" not in t:
+            t["note"] = notes[name]
+            print(f"  {name:14s} fwd {t['fwd']['median_ms']:9.1f} ms  bwd {t['bwd']['median_ms']:9.1f} ms  fwd+bwd "
+                  f"{t['fwd+bwd']['median_ms']:9.1f} ms{'  [' + notes[name] + ']' if notes[name] else ''}", flush=True)
+        else:
+            print(f"  {name:14s} error: {t['error']}", flush=True)
+        out[name] = t
+    return {n: out[n] for n in names}
 
 
 def _rows(case: Case, name: str, t: dict, floor_ms: dict) -> list[dict]:
@@ -814,10 +888,11 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`.", ""]
     if result["device_type"] == "cpu":
         lines += [f"CPU run on {result['cpu_count']} cores, {result['torch_threads']} torch threads: a reduced grid "
-                  "(GPU grid: 4 heads x 4,096 and 16,384 tokens). Wall-clock medians. Load average (1 min) "
-                  f"{result['loadavg_start'][0]:.2f} at start, {result['loadavg_end'][0]:.2f} at end: other jobs "
-                  "shared the cores, so the times are noisy. Peak extra memory: RSS growth of a fresh process "
-                  "(trained inputs only; it does not depend on the values).", ""]
+                  "(GPU grid: 4 heads x 4,096 and 16,384 tokens). Wall-clock medians of interleaved rounds (one run "
+                  "of every method per round, so that the machine's drifting speed hits all alike). Load average "
+                  f"(1 min) {result['loadavg_start'][0]:.2f} at start, {result['loadavg_end'][0]:.2f} at end. Peak "
+                  "extra memory: RSS growth of a fresh process (trained inputs only; it does not depend on the "
+                  "values).", ""]
     if result.get("matmul_bf16_tflops"):
         rate = f"the bf16 torch.matmul rate measured here (8192^3: {result['matmul_bf16_tflops']:.0f} TFLOP/s)"
     else:

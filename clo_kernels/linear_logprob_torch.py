@@ -21,7 +21,7 @@ import torch
 from ._inputs import needs_autograd
 from .options import LogProbOptions
 
-_ROW_BLOCK_ELEMS = 1 << 18  # fp32 temporaries of about 1 MiB per row block: they stay in cache
+_ROW_BLOCK_ELEMS = 1 << 20  # fp32 temporaries of 4 MiB per row block (benchmarks/NOTES.md)
 
 
 def logsumexp(z: torch.Tensor) -> torch.Tensor:
