@@ -90,6 +90,36 @@ def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse:
             out.copy_(dz)
 
 
+def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
+    """rows_forward for fp32 rows z that are the caller's scratch, without softcap: leaves
+    exp(u - max u) in z, so that rows_grad_from_softmax_ needs one more pass, not three.
+    Returns (logp, lse, 1 / sum exp(u - max u)), each (n,)."""
+    n, V = z.shape
+    logp, lse, inv = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    for s, e in _blocks(n, V):
+        u = z[s:e]
+        if bias is not None:
+            u.add_(bias)
+        m = u.amax(dim=1, keepdim=True)
+        tgt = u.gather(1, labels[s:e, None]).squeeze(1)
+        total = u.sub_(m).exp_().sum(dim=1)
+        lse[s:e] = m.squeeze(1) + total.log()
+        logp[s:e] = tgt - lse[s:e]
+        inv[s:e] = total.reciprocal()
+    return logp, lse, inv
+
+
+def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv: torch.Tensor,
+                            db: torch.Tensor | None = None) -> None:
+    """z := g * (onehot(y) - softmax) over what rows_softmax_ left in z; db += its column sums."""
+    n, V = z.shape
+    for s, e in _blocks(n, V):
+        dz = z[s:e].mul_((-g[s:e] * inv[s:e])[:, None])
+        dz.scatter_add_(1, labels[s:e, None], g[s:e, None])
+        if db is not None:
+            db += dz.sum(0)
+
+
 def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
     V = weight.shape[0]
     chunk = opts.chunk_rows(V, 4, hidden.device)

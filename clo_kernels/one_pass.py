@@ -184,6 +184,11 @@ class _Loop:
         # The Triton interpreter's bf16 stores truncate; it keeps fp32 logits (bf16-rounded by the
         # product, as on a GPU) and lets torch round dz.
         buf_dtype = torch.float32 if self.impl == "triton" and _interpreted() else hidden.dtype
+        # fp32 rows in PyTorch without softcap: the softmax stays in the buffer between the two row
+        # passes (rows_softmax_), so the gradient takes one pass over it instead of three.
+        in_place = self.impl == "torch" and opts.softcap is None and buf_dtype == torch.float32
+        if in_place:
+            from .linear_logprob_torch import rows_grad_from_softmax_, rows_softmax_
         rows_max = max((e - s for s, e in self.plan.bounds), default=0)
         buf = torch.empty((rows_max, V), dtype=buf_dtype, device=hidden.device)
         tok = torch.zeros(N, dtype=torch.float32, device=hidden.device)
@@ -205,7 +210,10 @@ class _Loop:
             else:
                 z.copy_(h @ weight.T)
             y, s = labels[rows], seq[rows]
-            logp, lse = fwd(z, y, bias, opts.softcap)
+            if in_place:
+                logp, lse, inv = rows_softmax_(z, y, bias)
+            else:
+                logp, lse = fwd(z, y, bias, opts.softcap)
             if batch.bad_token is not None:
                 logp = torch.where(batch.bad_token[rows], float("nan"), logp)
             tok[rows] = logp
@@ -214,7 +222,10 @@ class _Loop:
                 continue
             g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
                               **scale_args)[s]
-            grad_into(z, z, y, lse, g, bias, opts.softcap, db)  # z := dL/dz (db += its column sums)
+            if in_place:  # z := dL/dz (db += its column sums)
+                rows_grad_from_softmax_(z, y, g, inv, db)
+            else:
+                grad_into(z, z, y, lse, g, bias, opts.softcap, db)
             dz = z.to(hidden.dtype)
             if need_h:
                 dh.index_copy_(0, rows, dz @ weight)

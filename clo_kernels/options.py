@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Default size of the [chunk, V] logits buffer, per device type; measured in benchmarks/NOTES.md.
-DEFAULT_CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 2**30}
+DEFAULT_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 BACKWARDS = ("one_pass", "staged", "atomic")
 
 
