@@ -48,8 +48,8 @@ EOF
 status=0
 if has tests; then
   # The files that exercise CUDA first, so a cut at the time limit loses CPU-only tests.
-  first=(tests/test_gpu.py tests/test_fused_loss.py tests/test_from_logits.py tests/test_memory.py
-         tests/test_train.py tests/test_distributed.py)
+  first=(tests/test_gpu.py tests/test_one_pass.py tests/test_fused_loss.py tests/test_layouts.py
+         tests/test_from_logits.py tests/test_memory.py tests/test_train.py tests/test_distributed.py)
   rest=$(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' "${first[@]}"))
   timeout 210 python3 -m pytest "${first[@]}" $rest -q --maxfail=10 -p no:cacheprovider 2>&1 \
     | tee "$RESULTS/gpu_tests.log" || status=1
