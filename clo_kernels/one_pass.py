@@ -231,6 +231,7 @@ class _Loop:
                 dh.index_copy_(0, rows, dz @ weight)
             if need_w:
                 dw = addmm_fp32(dw, dz.T, h)
+        buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
             dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if dw is None else dw
         return tok, (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None)
