@@ -162,9 +162,9 @@ def main():
             ("triton one-pass chunk 512 MiB", "triton", O(chunk_bytes=512 * 2**20), True),
             ("triton one-pass chunk 2 GiB", "triton", O(chunk_bytes=2 * 2**30), True),
             ("triton 2-pass dhidden only", "triton", O(backward="staged"), False),
-            ("triton tile 128x128", "triton", O(block_v=128), True),
-            ("triton tile 64x256 w4", "triton", O(block_m=64, num_warps=4), True),
-            ("triton group_m 32", "triton", O(group_m=32), True),
+            ("triton 2-pass tile 128x128", "triton", O(backward="staged", block_v=128), True),
+            ("triton 2-pass tile 64x256 w4", "triton", O(backward="staged", block_m=64, num_warps=4), True),
+            ("triton 2-pass group_m 32", "triton", O(backward="staged", group_m=32), True),
         ]
     for name, impl, opts, wgrad in variants:
         row = {"method": name, "impl": impl}
