@@ -51,8 +51,10 @@ def _peak_growth(impl: str, backward: str, N: int, V: int, D: int) -> int:
     return int(res.stdout.strip().splitlines()[-1])
 
 
+# The Triton two-pass path's buffer is the same chunk_bytes rule as the torch one's (checked here)
+# and is measured on CUDA (test_gpu.py); interpreted at this size it would take 45 s of CI.
 CASES = [("torch", "one_pass", 8192, 32768, 32), ("torch", "staged", 8192, 32768, 32)] + (
-    [("triton", "one_pass", 4096, 32768, 16), ("triton", "staged", 4096, 32768, 16)] if HAVE_TRITON else [])
+    [("triton", "one_pass", 4096, 32768, 16)] if HAVE_TRITON else [])
 
 
 @pytest.fixture(scope="module")
