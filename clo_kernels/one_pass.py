@@ -63,8 +63,16 @@ def row_ops(impl: str):
     return rows.rows_forward, rows.rows_grad_into
 
 
-def _interpreted() -> bool:
-    return triton_module().INTERPRETED
+def _buffer_dtype(impl: str, hidden: torch.Tensor) -> torch.dtype:
+    """The [chunk, V] buffer's dtype: hidden's, except under the Triton interpreter, whose bf16
+    stores truncate; it keeps fp32 logits (bf16-rounded by the product, as on a GPU) and lets
+    torch round dz."""
+    return torch.float32 if impl == "triton" and triton_module().INTERPRETED else hidden.dtype
+
+
+def _max_rows(opts: LogProbOptions, impl: str, hidden: torch.Tensor, V: int) -> int:
+    """Tokens per chunk: as many as fill options.chunk_bytes of buffer."""
+    return opts.chunk_rows(V, _buffer_dtype(impl, hidden).itemsize, hidden.device)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -181,9 +189,7 @@ class _Loop:
         grads = need_h or need_w or need_b
         fwd, grad_into = row_ops(self.impl)
         labels = batch.labels.clamp(0, V - 1)  # out of range only with validate=False: NaN below
-        # The Triton interpreter's bf16 stores truncate; it keeps fp32 logits (bf16-rounded by the
-        # product, as on a GPU) and lets torch round dz.
-        buf_dtype = torch.float32 if self.impl == "triton" and _interpreted() else hidden.dtype
+        buf_dtype = _buffer_dtype(self.impl, hidden)
         # fp32 rows in PyTorch without softcap: the softmax stays in the buffer between the two row
         # passes (rows_softmax_), so the gradient takes one pass over it instead of three.
         in_place = self.impl == "torch" and opts.softcap is None and buf_dtype == torch.float32
@@ -265,8 +271,7 @@ def clo_loss(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str,
     if ref is not None and I.needs_autograd(ref):
         fall_back("ref grad", "ref_logps requires a gradient")
         return None
-    buf_size = 4 if impl == "triton" and _interpreted() else hidden.element_size()
-    max_rows = opts.chunk_rows(weight.shape[0], buf_size, hidden.device)
+    max_rows = _max_rows(opts, impl, hidden, weight.shape[0])
     plan = plan_chunks(batch, objective["chosen"], objective["rejected"], max_rows) if any(need) else \
         plan_chunks(batch, None, None, max_rows)
     if isinstance(plan, str):
@@ -283,6 +288,5 @@ def clo_loss(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str,
 
 def forward_token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
     """(N,) fp32 token log-probs without gradients (0 at unlabelled tokens, before masking)."""
-    buf_size = 4 if impl == "triton" and _interpreted() else batch.hidden.element_size()
-    plan = plan_chunks(batch, None, None, opts.chunk_rows(weight.shape[0], buf_size, batch.hidden.device))
+    plan = plan_chunks(batch, None, None, _max_rows(opts, impl, batch.hidden, weight.shape[0]))
     return _Loop(batch, weight, bias, opts, impl, plan, {}, (False, False, False)).token_logps()[0]
