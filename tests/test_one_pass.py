@@ -30,6 +30,15 @@ def _oracle(b, **kw):
     return oracle(b["hidden"], b["weight"], b["labels"], **{**args, **kw})[0]
 
 
+def _assert_matches_oracle(out, b, **kw):
+    """out's loss and its gradients of hidden, weight (and bias) are the float64 oracle's."""
+    want = _oracle(b, **kw)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    got, ref = grads(out, b), grads(want, b)
+    for k in got:
+        assert rel_err(got[k], ref[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("nll", [True, False])
 def test_sequence_grad_is_the_objectives_gradient(average, nll):
@@ -59,6 +68,7 @@ def test_sequence_grad_is_the_objectives_gradient(average, nll):
 def test_grad_output_scales_and_other_losses_add(impl, device):
     """loss * 3 + another loss: the saved gradients are scaled by grad_output in the backward."""
     b = make_case(device=device, bias=True, ref=True, seed=2)
+
     def extra():
         return (b["hidden"] ** 2).mean() + b["weight"].sum() * 0.01
 
@@ -79,11 +89,7 @@ def test_a_sequence_in_two_pairs_and_unsorted_packing(impl, device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         out = _loss(b, impl, opts, shift=True)
-    want = _oracle(b, shift=True)
-    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
-    got, ref = grads(out, b), grads(want, b)
-    for k in got:
-        assert rel_err(got[k], ref[k]) < 1e-5, k
+    _assert_matches_oracle(out, b, shift=True)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -97,11 +103,7 @@ def test_a_group_larger_than_a_chunk_falls_back_and_says_so_once(impl, device):
         warnings.simplefilter("error")
         again = _loss(b, impl, opts, shift=True)  # said once
     for o in (out, again):
-        want = _oracle(b, shift=True)
-        assert o.loss.item() == pytest.approx(want.item(), rel=1e-5)
-        got, ref = grads(o, b), grads(want, b)
-        for k in got:
-            assert rel_err(got[k], ref[k]) < 1e-5, k
+        _assert_matches_oracle(o, b, shift=True)
 
 
 @pytest.mark.parametrize("impl", FUSED)

@@ -9,6 +9,7 @@ and before anything on disk changes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -19,30 +20,17 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from trainer_fixtures import save_model, smollm2_tokenizer, tiny_llama
+from trainer_fixtures import save_model, tiny_llama, train_config
 
 import clo.data as D
 import clo.model as M
 from clo.errors import UserError
-from clo.train import TrainConfig, train
+from clo.train import train
 
 NO_MODEL = "/nonexistent/model"  # any refusal must come before the model would load
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tok, tmp_path_factory):
-    return save_model(tiny_llama(len(tok), seed=1), tok, tmp_path_factory.mktemp("llama"))
-
-
-def cfg(model, out, **kw) -> TrainConfig:
-    base = dict(model=model, output_dir=str(out), max_quads=4, batch_quads=2, max_steps=2, max_length=96,
-                lr=1e-3, warmup_steps=1, progress=False, save_final=False)
-    return TrainConfig(**{**base, **kw})
+cfg = functools.partial(train_config, max_steps=2)
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

@@ -22,22 +22,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from conftest import DEVICE
-from trainer_fixtures import metrics, save_model, smollm2_tokenizer, tiny_llama
+from trainer_fixtures import metrics, save_model, tiny_llama, train_config
 
 import clo.data as D
 import clo.model as M
 import clo.train as T
 from clo.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tok, tmp_path_factory):
-    return save_model(tiny_llama(len(tok), seed=1), tok, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +40,9 @@ def gpt2_dir(tok, tmp_path_factory):
     return save_model(model, tok, tmp_path_factory.mktemp("gpt2"))
 
 
-def cfg_for(model_dir, out, **kw) -> TrainConfig:
-    base = dict(model=model_dir, output_dir=str(out), max_quads=4, batch_quads=2, max_steps=4, max_length=96,
-                lr=1e-3, warmup_steps=1, progress=False, save_final=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def test_loss_falls_on_a_fixed_batch(llama_dir, tmp_path):
     # Two quads and batch_quads=2: every step sees the same batch.
-    train(cfg_for(llama_dir, tmp_path, max_quads=2, max_steps=20, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
+    train(train_config(llama_dir, tmp_path, max_quads=2, max_steps=20, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
                   trainable="all"))
     rows = metrics(tmp_path)
     assert len(rows) == 20
@@ -119,8 +102,8 @@ def test_grad_accumulation_equals_one_big_batch(llama_dir, tmp_path):
     # SGD: its update is linear in the gradient, so the two summation orders' rounding stays rounding
     # in step 2 (Adam turns a near-zero gradient's rounding into an update of about lr).
     kw = dict(max_steps=2, optimizer="sgd", lr=0.5)
-    a = train(cfg_for(llama_dir, tmp_path / "a", batch_quads=4, grad_accum=1, **kw))
-    b = train(cfg_for(llama_dir, tmp_path / "b", batch_quads=1, grad_accum=4, **kw))
+    a = train(train_config(llama_dir, tmp_path / "a", batch_quads=4, grad_accum=1, **kw))
+    b = train(train_config(llama_dir, tmp_path / "b", batch_quads=1, grad_accum=4, **kw))
     # the data is one stream of epochs, so both see the same 4 quads at every step. Margins are
     # beta x differences of fp32 sums near -500 nats: their rounding (~3e-5) times 0.1 bounds them.
     for ra, rb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=True):
@@ -132,7 +115,7 @@ def test_grad_accumulation_equals_one_big_batch(llama_dir, tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     kw = dict(max_steps=6, save_every=2, max_quads=6, batch_quads=2)
-    train(cfg_for(llama_dir, tmp_path / "full", **kw))
+    train(train_config(llama_dir, tmp_path / "full", **kw))
 
     real_save = T.save_checkpoint
 
@@ -144,12 +127,12 @@ def test_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "save_checkpoint", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(llama_dir, tmp_path / "cut", **kw))
+        train(train_config(llama_dir, tmp_path / "cut", **kw))
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     # an extra log line written after the checkpoint (as a crash mid-step could) must be dropped
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 123.0}\n{"step": 6, "lo')
-    train(cfg_for(llama_dir, tmp_path / "cut", resume=True, **kw))
+    train(train_config(llama_dir, tmp_path / "cut", resume=True, **kw))
 
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
@@ -165,7 +148,7 @@ def test_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
 def test_checkpoint_survives_a_kill_during_writing(llama_dir, tmp_path):
     # A real SIGKILL in the middle of writing the step-4 checkpoint (after half its bytes).
     out = tmp_path / "run"
-    options = dataclasses.asdict(cfg_for(llama_dir, out, max_steps=6, save_every=2))
+    options = dataclasses.asdict(train_config(llama_dir, out, max_steps=6, save_every=2))
     script = textwrap.dedent(f"""
         import os, signal, torch
         import clo.train as T
@@ -184,7 +167,7 @@ def test_checkpoint_survives_a_kill_during_writing(llama_dir, tmp_path):
     assert (out / "checkpoints" / "LATEST").read_text() == "step-0000002"
     state = T.load_checkpoint(out)
     assert state["step"] == 2
-    train(cfg_for(llama_dir, out, max_steps=6, save_every=2, resume=True))
+    train(train_config(llama_dir, out, max_steps=6, save_every=2, resume=True))
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert not list((out / "checkpoints").glob(".*partial"))
 
@@ -232,7 +215,7 @@ def test_attention_only_trains_exactly_the_projections(model_type):
 def test_gpt2_trains_and_final_model_loads(gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    summary = train(cfg_for(gpt2_dir, tmp_path, max_steps=3, save_final=True, layout="padded"))
+    summary = train(train_config(gpt2_dir, tmp_path, max_steps=3, save_final=True, layout="padded"))
     loaded = AutoModelForCausalLM.from_pretrained(summary["final_model"])
     state = T.load_checkpoint(tmp_path)
     for n, w in state["trainable"].items():
@@ -243,7 +226,7 @@ def test_lora_with_online_reference_saves_a_loadable_model(llama_dir, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    summary = train(cfg_for(llama_dir, tmp_path, trainable="lora", ref="online", lora_r=4, max_steps=3, lr=1e-2,
+    summary = train(train_config(llama_dir, tmp_path, trainable="lora", ref="online", lora_r=4, max_steps=3, lr=1e-2,
                             save_final=True, merge_lora=True))
     rows = metrics(tmp_path)
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
@@ -255,7 +238,7 @@ def test_lora_with_online_reference_saves_a_loadable_model(llama_dir, tmp_path):
 
 
 def test_reference_cache_is_reused(llama_dir, tmp_path, monkeypatch):
-    cfg = cfg_for(llama_dir, tmp_path, max_steps=1)
+    cfg = train_config(llama_dir, tmp_path, max_steps=1)
     train(cfg)
     calls = []
     monkeypatch.setattr(T, "reference_logps", lambda *a, **k: calls.append(1))

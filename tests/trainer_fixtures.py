@@ -80,3 +80,13 @@ def save_model(model, tokenizer, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def train_config(model, out, **kw):
+    """A TrainConfig for the tiny test models: 4 quads, 2 per micro-batch, 4 steps of 96 tokens,
+    no progress bars, no final model; keywords override."""
+    from clo.train import TrainConfig
+
+    base = dict(model=model, output_dir=str(out), max_quads=4, batch_quads=2, max_steps=4, max_length=96,
+                lr=1e-3, warmup_steps=1, progress=False, save_final=False)
+    return TrainConfig(**{**base, **kw})
