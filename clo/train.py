@@ -470,7 +470,7 @@ def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, 
     """Load the latest checkpoint into the (wrapped) Objective, optimizer and scheduler; returns
     its step (0 when there is none). Rank 0 reads the file, the state is broadcast."""
     state = load_checkpoint(out) if d.main else None
-    keys = ("step", "world_size", "fingerprints", "scheduler", "rng")
+    keys = ("step", "fingerprints", "scheduler", "rng")  # world size and options: checked in check_resume
     meta = DD.broadcast_object(None if state is None else {k: state.get(k) for k in keys}, d)
     if meta is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
