@@ -315,7 +315,7 @@ def load_quads(path: str | Path, *, on_bad_row: str = "error",
     if missing and getattr(table, "has_rows", True):  # not when every line was bad: the report says why
         raise DataError(f"{path}: missing column(s) {missing}; a pre-translated file needs {list(QUAD_FIELDS)} "
                         f"(found {table.column_names})")
-    return _quads_from_rows(table, source=str(path), on_bad_row=on_bad_row, split=split)
+    return quads_from_rows(table, source=str(path), on_bad_row=on_bad_row, split=split)
 
 
 def _bad_row(report: DataReport, bad: _BadRow, source: str, on_bad_row: str) -> None:
@@ -326,7 +326,9 @@ def _bad_row(report: DataReport, bad: _BadRow, source: str, on_bad_row: str) -> 
     report.drop(name, bad.reason, detail=bad.detail)
 
 
-def _quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) -> tuple[list[Quad], DataReport]:
+def quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) -> tuple[list[Quad], DataReport]:
+    """Quads from row dicts (a file's rows, or a ``datasets.Dataset``) with the QUAD_FIELDS; bad
+    rows raise or are counted as load_quads says."""
     report = DataReport(source)
     quads, seen = [], set()
     for i, line, row, bad in _entries(rows):

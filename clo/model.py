@@ -1,20 +1,21 @@
 """Loading a causal LM, choosing what trains, and reaching the parts the fused loss needs.
 
 The fused loss never calls the model's lm_head: it takes the backbone's final hidden states
-(after the last norm) and the head's weight. ``split_lm`` finds both for any Hugging Face
-causal LM that ends in one linear head, and refuses models whose logits are post-processed
-in ways the loss does not reproduce (a logit scale), rather than train on the wrong objective.
+(after the last norm) and the head's weight; ``split_lm`` finds both
+(clo_kernels.integrations.hf, shared with the TRL trainers).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from clo_kernels.integrations import hf
+from clo_kernels.integrations.hf import SplitLM, base_model
 
 from .errors import UserError
 
@@ -156,11 +157,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model itself, also under a peft wrapper (whose LoRA layers live inside it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _config(model: nn.Module):
     return base_model(model).config
 
@@ -169,33 +165,12 @@ def _config(model: nn.Module):
 # Backbone and head
 
 
-@dataclass
-class SplitLM:
-    """The parts of a causal LM the fused loss needs."""
-
-    backbone: nn.Module    # returns last_hidden_state: the input of the lm_head
-    head: nn.Linear        # weight (V, D), bias optional
-    softcap: float | None  # final logit softcapping (Gemma 2)
-
-
 def split_lm(model: nn.Module) -> SplitLM:
-    base = base_model(model)
-    config = base.config
-    for attr in ("logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            # Which way the scale goes differs by architecture (Granite divides by logits_scaling,
-            # HyperCLOVA X multiplies): refuse rather than guess.
-            raise UserError(f"{config.model_type} scales its logits ({attr}={getattr(config, attr)}), which the "
-                            "fused loss does not reproduce on any of its paths: clo cannot train this model")
-    head = base.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise UserError(f"the output head of {type(base).__name__} is {type(head).__name__}, not nn.Linear: clo "
-                        "cannot train this model")
-    backbone = getattr(base, base.base_model_prefix, None)
-    if backbone is None or backbone is base:
-        raise UserError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
-                        f"{base.base_model_prefix!r}): clo cannot train this model")
-    return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
+    """Backbone, head and softcap (clo_kernels.integrations.hf.split_lm), refusals as UserError."""
+    try:
+        return hf.split_lm(model)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def hidden_states(split: SplitLM, batch: dict) -> torch.Tensor:

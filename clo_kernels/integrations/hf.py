@@ -1,0 +1,88 @@
+"""The parts of a Hugging Face causal LM that the fused loss needs, and a forward that feeds it.
+
+The fused loss never calls a model's lm_head: it takes the backbone's final hidden states (after
+the last norm) and the head's weight. ``split_lm`` finds both for any causal LM that ends in one
+linear head, and refuses models whose logits are post-processed in ways the loss does not
+reproduce (a logit scale) rather than train on the wrong objective.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself, also under a peft wrapper (whose LoRA layers live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@dataclass
+class SplitLM:
+    """The parts of a causal LM the fused loss needs."""
+
+    backbone: nn.Module    # returns last_hidden_state: the input of the lm_head
+    head: nn.Linear        # weight (V, D), bias optional
+    softcap: float | None  # final logit softcapping (Gemma 2)
+
+
+def check_config(config) -> None:
+    """ValueError if the model's logits are scaled (the loss reproduces softcapping, not a scale)."""
+    for attr in ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            # Which way the scale goes differs by architecture (Granite divides by logits_scaling,
+            # HyperCLOVA X multiplies): refuse rather than guess.
+            raise ValueError(f"{config.model_type} scales its logits ({attr}={getattr(config, attr)}), which the "
+                             "fused loss does not reproduce on any of its paths: it cannot train this model")
+
+
+def split_lm(model: nn.Module) -> SplitLM:
+    """Backbone, linear head and softcap of a causal LM (or its peft wrapper); ValueError naming
+    what is missing for a model the fused loss cannot train."""
+    base = base_model(model)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    check_config(config)
+    head = base.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the output head of {type(base).__name__} is {type(head).__name__}, not nn.Linear: the "
+                         "fused loss cannot train this model")
+    backbone = getattr(base, base.base_model_prefix, None)
+    if backbone is None or backbone is base:
+        raise ValueError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
+                         f"{base.base_model_prefix!r}): the fused loss cannot train this model")
+    return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
+
+
+HeadFn = Callable  # (hidden (S, T, D), weight (V, D), bias (V,) | None, softcap) -> anything
+
+
+def add_hidden_head(model: nn.Module) -> None:
+    """Patch ``model.forward`` (a transformers causal LM, or the base model inside a peft wrapper)
+    so that ``model(input_ids=..., attention_mask=..., head_fn=fn)`` runs the backbone and
+    returns ``fn(hidden, weight, bias, softcap)`` instead of logits; without ``head_fn`` the
+    forward is unchanged (generation too). Calling the outermost wrapper keeps DDP's, FSDP2's
+    and peft's hooks around the loss: under FSDP2 the head runs where the root unit's weight is
+    gathered. Idempotent. Backbone and head are looked up on every call, since FSDP and peft
+    replace parameters after patching."""
+    if getattr(model.forward, "_clo_hidden_head", False):
+        return
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args, head_fn: HeadFn | None = None, **kwargs):
+        if head_fn is None:
+            return inner(*args, **kwargs)
+        split = split_lm(model)
+        kwargs["use_cache"] = False
+        hidden = split.backbone(*args, **kwargs).last_hidden_state
+        weight, bias = split.head.weight, split.head.bias
+        if hasattr(weight, "full_tensor"):  # FSDP2 outside its root forward: a DTensor shard
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        return head_fn(hidden.to(weight.device), weight, bias, split.softcap)
+
+    forward._clo_hidden_head = True
+    model.forward = forward

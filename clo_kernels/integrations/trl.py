@@ -1,0 +1,379 @@
+"""TRL drop-ins on the fused CLO loss: DPO without logits, and CLO on TRL's machinery.
+
+    from clo_kernels.integrations.trl import FusedDPOTrainer as DPOTrainer   # the one-line change
+
+``FusedDPOTrainer`` takes ``trl.DPOTrainer``'s arguments (plus keyword-only ``impl`` and
+``options`` of the fused loss). The policy's sequence log-probs and the loss come from
+``fused_linear_clo_loss`` on the final hidden states and the lm_head weight, computed inside the
+model's forward (hf.add_hidden_head), so DDP, FSDP2 and peft wrappers stay around the loss; the
+reference log-probs come from ``sequence_logps``: precomputed (precompute_ref_log_probs) or on
+the fly from the reference model, or from the peft model with its adapters disabled, as TRL
+does. The [tokens x vocab] logits are never built. TRL's loss maps onto the CLO objective::
+
+    ["sigmoid"]          w_s * mean_p softplus(-beta * margin_p)           (nll_weight = 0)
+    ["sigmoid", "sft"]   + w_n * (mean NLL over the chosen responses' tokens)
+                         = (w_s + w_n) * fused loss with nll_weight = w_n / (w_s + w_n)
+
+(w = loss_weights, 1 each by default). Every other DPOConfig setting that changes the loss is
+refused by name when the trainer is built, never replaced by a different loss. Logged under
+TRL's names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected},
+num_tokens, and nll where there is an NLL term; not entropy, logits/{chosen,rejected} and
+mean_token_accuracy, which need every logit of every token.
+
+``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
+TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
+(prompt_en, response_en, prompt_tgt, response_tgt; rows whose "split" is not "train" never
+train); each quad becomes the four sequences of ``clo.data`` in the CLO order, with both pair
+kinds and the NLL on the target-language chosen response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from .. import _inputs as I
+from ..loss import fused_linear_clo_loss, quad_pairs, sequence_logps
+from ..options import LogProbOptions
+from . import hf
+
+log = logging.getLogger(__name__)
+
+# DPOConfig settings that change the loss, with the one value these trainers implement.
+_FIXED = {"ld_alpha": None, "f_divergence_type": "reverse_kl", "label_smoothing": 0.0, "use_weighting": False,
+          "sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
+
+
+def _loss_type_problems(args, supported: tuple[tuple[str, ...], ...]) -> list[str]:
+    types, weights = list(args.loss_type), args.loss_weights
+    bad = []
+    if tuple(sorted(types)) not in supported or len(set(types)) != len(types):
+        bad.append(f"loss_type={types} (supported: {' or '.join(str(list(s)) for s in supported)})")
+    elif weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        bad.append(f"loss_weights={weights} (the fused loss needs weights >= 0 with a positive sum)")
+    return bad
+
+
+def _model_problems(model, args, processing_class, peft_config) -> list[str]:
+    """What about the model rules the fused loss out, checked before TRL builds anything."""
+    from transformers import AutoConfig, ProcessorMixin
+
+    bad = []
+    if isinstance(processing_class, ProcessorMixin):
+        bad.append("a vision-language model (processing_class is a processor, not a tokenizer)")
+    if isinstance(model, str):
+        kwargs = args.model_init_kwargs or {}
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
+                                            revision=kwargs.get("revision"))
+    else:
+        config = model.config
+    text = config.get_text_config()
+    try:
+        if isinstance(model, str):
+            hf.check_config(text)
+        else:
+            hf.split_lm(model)
+    except ValueError as err:
+        bad.append(str(err))
+    coef = args.router_aux_loss_coef
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if hasattr(text, "output_router_logits") and coef:
+        bad.append(f"router_aux_loss_coef={coef} (a Mixture-of-Experts router loss; set it to 0.0)")
+    peft_configs = [peft_config] + list(getattr(model, "peft_config", {}).values())
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs if c is not None):
+        bad.append("a prompt-learning peft method (virtual tokens shift the hidden states)")
+    return bad
+
+
+def _bind(*args, **kwargs) -> dict:
+    """trl.DPOTrainer's arguments by name, defaults filled in, however they were passed."""
+    bound = inspect.signature(DPOTrainer.__init__).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return {k: v for k, v in list(bound.arguments.items())[1:]}
+
+
+def _one_dtype(hidden, weight, bias):
+    """The kernels take one dtype: autocast's where it is on (what the head's matmul would have run
+    in; the cast of a frozen head costs no gradient), else the weight's."""
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+class FusedDPOTrainer(DPOTrainer):
+    """trl.DPOTrainer with the loss from clo_kernels' fused head (module docstring: what maps to what)."""
+
+    _SUPPORTED_LOSS_TYPES = (("sigmoid",), ("sft", "sigmoid"))
+    _tag_names = ["trl", "dpo", "clo-kernels"]
+
+    def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
+        given = _bind(model, *args, **kwargs)
+        cfg = given["args"] or DPOConfig(output_dir="trainer_output")
+        I.check_impl(impl)
+        if options is not None and not isinstance(options, LogProbOptions):
+            raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
+        bad = self._config_problems(cfg)
+        bad += _model_problems(model, cfg, given["processing_class"], given["peft_config"])
+        if bad:
+            raise ValueError(f"{type(self).__name__} does not support: " + "; ".join(bad)
+                             + ". trl.DPOTrainer has its own head for these.")
+        self._impl, self._options = impl, options
+        self._loss_scale, self._nll_weight = self._objective_weights(cfg)
+        super().__init__(**given)
+
+    # ------------------------------------------------------------------------------------------
+    # What differs between DPO and CLO: the options, the sequences' layout and the reference's place
+
+    def _config_problems(self, args) -> list[str]:
+        bad = _loss_type_problems(args, self._SUPPORTED_LOSS_TYPES)
+        bad += [f"{k}={getattr(args, k)!r} (supported: {v!r})" for k, v in _FIXED.items() if getattr(args, k) != v]
+        return bad
+
+    @staticmethod
+    def _objective_weights(args) -> tuple[float, float]:
+        """(scale, nll_weight): TRL's weighted sum of losses as a multiple of the CLO objective."""
+        weights = dict(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True))
+        scale = weights["sigmoid"] + weights.get("sft", 0.0)
+        return scale, weights.get("sft", 0.0) / scale
+
+    @staticmethod
+    def _labels(inputs) -> torch.Tensor:
+        return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+    def _layout(self, num_seqs: int, device):
+        """chosen, rejected, nll_mask: TRL's batches are [chosen rows, rejected rows]."""
+        half = torch.arange(num_seqs // 2, device=device)
+        nll_mask = torch.arange(num_seqs, device=device) < num_seqs // 2 if self._nll_weight > 0 else None
+        return half, half + num_seqs // 2, nll_mask
+
+    @staticmethod
+    def _stored_reference(inputs) -> torch.Tensor:
+        return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+
+    # ------------------------------------------------------------------------------------------
+    # The head: everything goes through the model's (patched) forward
+
+    def _head(self, model, inputs, fn):
+        hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=fn)
+
+    def _sequence_logps(self, model, inputs) -> torch.Tensor:
+        labels = self._labels(inputs)
+
+        def fn(hidden, weight, bias, softcap):
+            hidden, weight, bias = _one_dtype(hidden, weight, bias)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, shift=True,
+                                      impl=self._impl, options=self._options)
+
+        return self._head(model, inputs, fn)
+
+    @torch.no_grad()
+    def _reference_logps(self, model, inputs) -> torch.Tensor:
+        """(S,) sequence log-probs of the reference: ``model`` (the reference model, or the policy
+        before training), or the peft policy with its adapters off (TRL's frozen "ref" adapter
+        where it made one)."""
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter,
+              self.accelerator.autocast()):
+            return self._sequence_logps(model, inputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's hook for precompute_ref_log_probs: (chosen, rejected) reference log-probs."""
+        return self._reference_logps(model, inputs).chunk(2)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL caches precomputed reference log-probs under (data, model); a different key keeps a
+        # cache that TRL's own head wrote from being read as this head's, and the reverse.
+        key = self._precompute_model_hash
+        self._precompute_model_hash = f"{key}/clo-kernels"
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = key
+
+    # ------------------------------------------------------------------------------------------
+    # The loss of one micro-batch
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        labels = self._labels(inputs)
+        chosen, rejected, nll_mask = self._layout(labels.shape[0], labels.device)
+        if self.precompute_ref_logps:
+            ref = self._stored_reference(inputs)
+        else:
+            ref = self._reference_logps(self.ref_model or self.model, inputs)
+
+        def fn(hidden, weight, bias, softcap):
+            hidden, weight, bias = _one_dtype(hidden, weight, bias)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return fused_linear_clo_loss(
+                    hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
+                    ref_logps=ref.to(hidden.device), beta=self.beta, nll_weight=self._nll_weight, bias=bias,
+                    softcap=softcap, shift=True, impl=self._impl, options=self._options)
+
+        out = self._head(model, inputs, fn)
+        loss = out.loss if self._loss_scale == 1.0 else out.loss * self._loss_scale
+        self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=nll_mask is not None)
+        if return_outputs:  # TRL's deprecated path for compute_metrics: it also recomputes the logits
+            with torch.no_grad():
+                return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return loss
+
+    def _log_metrics(self, mode, inputs, out, ref, chosen, rejected, *, nll: bool):
+        """TRL DPOTrainer's metrics, gathered over processes the way it gathers them."""
+        gather, metrics = self.accelerator.gather, self._metrics[mode]
+        logps = out.logps
+        c_rewards, r_rewards = self.beta * (logps[chosen] - ref[chosen]), self.beta * (logps[rejected] - ref[rejected])
+        for name, value in (("rewards/chosen", c_rewards), ("rewards/rejected", r_rewards),
+                            ("rewards/accuracies", (c_rewards > r_rewards).float()),
+                            ("rewards/margins", c_rewards - r_rewards),
+                            ("logps/chosen", logps[chosen]), ("logps/rejected", logps[rejected])):
+            metrics[name].append(gather(value).mean().item())
+        if nll:
+            metrics["nll"].append(gather(out.metrics["nll"].reshape(1)).mean().item())
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+
+# ----------------------------------------------------------------------------------------------
+# CLO
+
+
+@dataclass
+class CLOConfig(DPOConfig):
+    """DPOConfig plus the CLO loss's own settings; beta is the pair terms' beta."""
+
+    nll_weight: float = field(default=0.5, metadata={"help": "lambda: weight of the target-language NLL; the two "
+                                                             "pair kinds get 1 - lambda"})
+    on_bad_row: str = field(default="error", metadata={"help": "a bad quad: 'error' stops naming it, 'skip' drops "
+                                                               "it and counts it in the log"})
+
+
+@dataclass
+class QuadCollator:
+    """Quads (tokenised by CLOTrainer) to the four CLO sequences each: input_ids, labels (prompts
+    at -100), attention_mask (4Q, T) right-padded, and ref_logps (4Q,) where precomputed."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from clo import data as clo_data
+
+        quads = [clo_data.Encoded(e["quad_id"], tuple(map(tuple, e["input_ids"])), tuple(map(tuple, e["labels"])))
+                 for e in examples]
+        batch = clo_data.collate(quads, pad_id=self.pad_token_id)
+        out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+        if "ref_logps" in examples[0]:
+            out["ref_logps"] = torch.tensor([x for e in examples for x in e["ref_logps"]], dtype=torch.float32)
+        return out
+
+
+class CLOTrainer(FusedDPOTrainer):
+    """CLO on TRL: ``CLOTrainer(model, args=CLOConfig(...), train_dataset=quads, processing_class=tok)``.
+
+    loss = nll_weight * NLL(y_tgt | x_tgt) + (1 - nll_weight) * DPO over (x_en: y_en > y_tgt) and
+    (x_tgt: y_tgt > y_en), one micro-batch of Q quads = 4Q sequences; the reference precomputed
+    (precompute_ref_log_probs) or on the fly, as in FusedDPOTrainer."""
+
+    _SUPPORTED_LOSS_TYPES = (("sigmoid",),)
+    _tag_names = ["trl", "clo", "clo-kernels"]
+
+    def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
+        given = _bind(model, *args, **kwargs)
+        if given["args"] is None:
+            given["args"] = CLOConfig(output_dir="trainer_output")
+        elif not isinstance(given["args"], CLOConfig):
+            raise TypeError(f"CLOTrainer needs args=CLOConfig(...), got {type(given['args']).__name__}")
+        I.check_scalars(beta=given["args"].beta, nll_weight=given["args"].nll_weight, softcap=None)
+        tok = given["processing_class"]
+        if tok is None:
+            raise ValueError("CLOTrainer needs processing_class (the tokenizer whose chat template encodes the quads)")
+        if given["data_collator"] is None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            given["data_collator"] = QuadCollator(pad)
+        super().__init__(impl=impl, options=options, **given)
+
+    def _config_problems(self, args) -> list[str]:
+        bad = super()._config_problems(args)
+        if args.loss_weights is not None:
+            bad.append(f"loss_weights={args.loss_weights} (CLOConfig weighs the terms with nll_weight)")
+        return bad
+
+    @staticmethod
+    def _objective_weights(args) -> tuple[float, float]:
+        return 1.0, args.nll_weight
+
+    @staticmethod
+    def _labels(inputs) -> torch.Tensor:
+        return inputs["labels"]
+
+    def _layout(self, num_seqs: int, device):
+        chosen, rejected, nll_mask = quad_pairs(num_seqs // 4, device=device)
+        return chosen, rejected, nll_mask if self._nll_weight > 0 else None
+
+    @staticmethod
+    def _stored_reference(inputs) -> torch.Tensor:
+        return inputs["ref_logps"].float()
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Quads to their four tokenised sequences (clo.data's chat-template encoding); bad rows
+        raise or are dropped and counted (args.on_bad_row)."""
+        from datasets import Dataset
+
+        from clo import data as clo_data
+
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"CLOTrainer: the {dataset_name} dataset must be a datasets.Dataset of quads, "
+                            f"got {type(dataset).__name__}")
+        if "quad_id" in dataset.column_names:  # prepared already (evaluate() prepares again)
+            return dataset
+        source = f"{dataset_name} dataset"
+        quads, report = clo_data.quads_from_rows(dataset, source=source, on_bad_row=args.on_bad_row,
+                                                 split="train" if dataset_name == "train" else None)
+        encoded, enc = clo_data.encode_quads(processing_class, quads, max_length=args.max_length or 2**31,
+                                             on_bad_row=args.on_bad_row, source=source)
+        report.dropped.update(enc.dropped)
+        report.examples += enc.examples
+        report.truncated, report.kept = enc.truncated, enc.kept
+        (log.warning if report.dropped or report.truncated else log.info)("CLOTrainer: %s", report.summary())
+        if not encoded:
+            raise ValueError(f"CLOTrainer: no quads left to train on: {report.summary()}")
+        return Dataset.from_dict({"quad_id": [e.id for e in encoded],
+                                  "input_ids": [[list(s) for s in e.input_ids] for e in encoded],
+                                  "labels": [[list(s) for s in e.labels] for e in encoded]})
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["quad_id", "input_ids", "labels", "ref_logps"]
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """A "ref_logps" column, (4,) per quad in the CLO order."""
+        from accelerate.utils import tqdm
+        from torch.utils.data import DataLoader
+
+        if "ref_logps" in dataset.column_names:
+            return dataset
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+        model, rows = self.ref_model or self.model, []
+        for batch in tqdm(loader, desc=f"reference log-probs ({name})"):
+            rows.append(self.accelerator.gather_for_metrics(self._reference_logps(model, batch).view(-1, 4)).cpu())
+        return dataset.add_column("ref_logps", torch.cat(rows).tolist())
+
+    def compute_ref_log_probs(self, model, inputs):
+        """(4Q,) reference log-probs of a collated batch of quads."""
+        return self._reference_logps(model, inputs)
