@@ -35,9 +35,13 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+
+try:
+    from trl import DPOConfig, DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as err:
+    raise ImportError(f"clo_kernels.integrations.trl needs TRL ({err}): pip install 'clo-kernels[trl]'") from err
 
 from .. import _inputs as I
 from ..loss import fused_linear_clo_loss, quad_pairs, sequence_logps

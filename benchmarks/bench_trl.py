@@ -1,0 +1,230 @@
+"""One TRL DPO training step: trl.DPOTrainer's own chunked head against FusedDPOTrainer.
+
+    python benchmarks/bench_trl.py                      # CPU, SmolLM2-135M shapes, 4 pairs per step
+    python benchmarks/bench_trl.py --device cuda --arch llama3-1b --pairs 8
+
+Both trainers get the same model (random weights from the architecture's config: speed and
+memory do not depend on them), the same reference copy, the same data and TrainingArguments;
+only the class differs. The data are the demo quads as preference rows in TRL's conversational
+format (German prompt, German answer chosen, English answer rejected), cut at --max-length.
+Each measurement runs in a fresh subprocess, the trainers alternating for --rounds rounds (this
+VM's speed drifts within minutes); per run the median of --steps timed steps after one warm-up.
+Tokens/s counts every token of the step's sequences (TRL's num_tokens). Peak memory: CUDA
+max_memory_allocated during training; CPU the process's peak RSS, and its growth from just
+before training (the trainer built, the data tokenised) to the end.
+Writes bench_trl.json, .md and .png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_train import ARCHS, _git_commit, build  # noqa: E402
+
+TRAINERS = ("trl", "fused")
+
+
+def preference_rows():
+    from datasets import Dataset
+
+    from clo import data as D
+
+    rows = [{"prompt": [{"role": "user", "content": q.prompt_tgt}],
+             "chosen": [{"role": "assistant", "content": q.response_tgt}],
+             "rejected": [{"role": "assistant", "content": q.response_en}]} for q in D.demo_quads("train")]
+    return Dataset.from_list(rows)
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from clo.model import default_model_path
+
+    path = default_model_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def run(trainer_name: str, args) -> dict:
+    """One training run in this process: step times, tokens and memory."""
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from clo_kernels.integrations.trl import FusedDPOTrainer
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+
+    tok = tokenizer()
+    model = build(args.arch, args.device).train()
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
+                    max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
+                    report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
+                    bf16=args.device == "cuda", seed=0, disable_tqdm=True)
+    cls = FusedDPOTrainer if trainer_name == "fused" else DPOTrainer
+    clock = Clock()
+    trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
+                  processing_class=tok, callbacks=[clock])
+    rss0 = _rss_now_mib()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
+    tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(logs, logs[1:], strict=False)]  # timed steps
+    step_s = statistics.median(clock.times[1:])
+    res = {"trainer": trainer_name, "step_s": step_s, "step_times": clock.times,
+           "tokens_per_step": statistics.mean(tokens), "tokens_per_s": statistics.mean(tokens) / step_s,
+           "losses": [h["loss"] for h in logs]}
+    if args.device == "cuda":
+        res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res.update(peak_rss_mib=peak, train_rss_growth_mib=peak - rss0)
+    return res
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+
+
+def in_subprocess(trainer_name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
+           "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
+           "--out", args.out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"trainer": trainer_name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for name in TRAINERS:
+        mine = [r for r in runs if r["trainer"] == name and "error" not in r]
+        if not mine:
+            rows.append(next(r for r in runs if r["trainer"] == name))
+            continue
+        row = {"trainer": name, "runs": len(mine), "step_s": statistics.median(r["step_s"] for r in mine),
+               "tokens_per_step": mine[0]["tokens_per_step"], "losses": mine[0]["losses"]}
+        row["tokens_per_s"] = row["tokens_per_step"] / row["step_s"]
+        for key in ("peak_mib", "peak_rss_mib", "train_rss_growth_mib"):
+            if key in mine[0]:
+                row[key] = max(r[key] for r in mine)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows, meta) -> str:
+    cpu = meta["device"] == "cpu"
+    mem = "peak RSS MiB | RSS growth in training MiB" if cpu else "peak MiB (CUDA, training)"
+    lines = [f"One TRL DPO step, {meta['arch']} shapes, {meta['device']} ({meta['gpu'] or meta['machine']}, "
+             f"{meta['cpus']} CPUs), {meta['pairs']} pairs x <= {meta['max_length']} tokens, full fine-tuning, "
+             f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, {meta['date']}, commit {str(meta['commit'])[:7]}, "
+             f"median of {meta['steps']} steps x {meta['rounds']} interleaved runs", "",
+             f"| trainer | tokens/s | step s | {mem} |", "|---|---|---|---|" + ("---|" if cpu else "")]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['trainer']} | failed: {r['error']} | | |" + (" |" if cpu else ""))
+            continue
+        memory = (f"{r['peak_rss_mib']:.0f} | {r['train_rss_growth_mib']:.0f}" if cpu else f"{r['peak_mib']:.0f}")
+        lines.append(f"| {r['trainer']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {memory} |")
+    ok = {r["trainer"]: r for r in rows if "error" not in r}
+    if len(ok) == 2:
+        lines += ["", f"FusedDPOTrainer step time = {ok['fused']['step_s'] / ok['trl']['step_s']:.2f}x "
+                      f"trl.DPOTrainer's; logged losses trl {ok['trl']['losses']}, fused {ok['fused']['losses']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, meta, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    names = ["trl.DPOTrainer" if r["trainer"] == "trl" else "FusedDPOTrainer" for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    axes[0].bar(names, [r["tokens_per_s"] for r in ok])
+    axes[0].set_title("tokens/s (higher is better)")
+    mem_key = "train_rss_growth_mib" if meta["device"] == "cpu" else "peak_mib"
+    axes[1].bar(names, [r[mem_key] for r in ok], color="tab:orange")
+    axes[1].set_title("memory growth in training, MiB" if meta["device"] == "cpu" else "peak MiB")
+    fig.suptitle(f"one TRL DPO step, {meta['arch']} on {meta['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2 sequences each)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sequence at most (TRL's max_length)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run after one warm-up")
+    p.add_argument("--rounds", type=int, default=2, help="runs per trainer, alternating")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_trl"))
+    p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.single:
+        print(json.dumps(run(args.single, args)))
+        return 0
+    runs = []
+    for _ in range(args.rounds):
+        for name in TRAINERS:
+            runs.append(in_subprocess(name, args))
+            print(json.dumps(runs[-1]), flush=True)
+    rows = summarise(runs)
+    meta = {**{k: getattr(args, k) for k in ("arch", "device", "pairs", "max_length", "steps", "rounds")},
+            "torch": torch.__version__, "trl": _version("trl"), "transformers": _version("transformers"),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "commit": os.environ.get("CLO_COMMIT") or _git_commit(), "date": time.strftime("%Y-%m-%d"),
+            "loadavg": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_trl.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
+    table = markdown(rows, meta)
+    (out / "bench_trl.md").write_text(table)
+    print(table)
+    plot(rows, meta, out / "bench_trl.png")
+    return 0
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

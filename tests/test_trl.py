@@ -1,0 +1,240 @@
+"""The TRL drop-ins against TRL itself: FusedDPOTrainer logs what trl.DPOTrainer logs, step by
+step; CLOTrainer's loss is fused_linear_clo_loss on the quads' four sequences.
+
+Real parts throughout: TRL's trainers, a tiny random Llama with SmolLM2's tokenizer and chat
+template, datasets.Dataset. Runs compare with plain SGD in fp32 (bf16=False: TRL would
+otherwise autocast to bf16 on the CPU), so the trajectories of two runs differ by rounding only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset
+from trainer_fixtures import tiny_llama
+from trl import DPOConfig, DPOTrainer
+
+import clo_kernels as ck
+from clo import data as D
+from clo_kernels.integrations.trl import CLOConfig, CLOTrainer, FusedDPOTrainer
+
+STEPS = 3
+LOGGED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected", "num_tokens")
+
+
+def preference_rows(n: int = 12) -> Dataset:
+    """Conversational prompt/chosen/rejected rows of varied lengths."""
+    rows = []
+    for i in range(n):
+        rows.append({
+            "prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?" + " Explain." * (i % 3)}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+            "rejected": [{"role": "assistant", "content": f"Maybe {3 * i}, I am not sure at all." + " Hm." * (i % 4)}],
+        })
+    return Dataset.from_list(rows)
+
+
+def dpo_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1,
+                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                use_cpu=True, bf16=False, seed=0, beta=0.1, disable_tqdm=True)
+    return DPOConfig(**{**base, **kw})
+
+
+def lora():
+    from peft import LoraConfig
+
+    # init_lora_weights=False: non-zero adapters, so policy and reference differ from step 1
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def train_log(cls, tok, tmp_path, *, peft=False, trainer_kw=None, **args_kw) -> list[dict]:
+    model = tiny_llama(len(tok), seed=1).train()
+    kw = {"peft_config": lora()} if peft else {"ref_model": copy.deepcopy(model)}
+    trainer = cls(model=model, args=dpo_args(tmp_path, **args_kw), train_dataset=preference_rows(),
+                  processing_class=tok, **kw, **(trainer_kw or {}))
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+
+
+def assert_same_logs(ours: list[dict], trl: list[dict]):
+    """Within 1e-4 relative; a reward (beta times a difference of two fp32 sums of log-probs,
+    0 at step 1 without adapters) also within the rounding of those sums."""
+    assert len(ours) == len(trl) == STEPS
+    for step, (a, b) in enumerate(zip(ours, trl, strict=True), 1):
+        sums = max(abs(b["logps/chosen"]), abs(b["logps/rejected"]))
+        for key in LOGGED:
+            tol = 0.1 * 8 * 2**-24 * sums if key.startswith("rewards/") else 1e-6
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tol), f"step {step}: {key} {a[key]} vs {b[key]}"
+    assert trl[-1]["rewards/margins"] != 0.0  # the runs moved: the comparison is of trajectories
+
+
+CASES = {
+    "reference on the fly": {},
+    "reference precomputed": {"precompute_ref_log_probs": True},
+    "sigmoid + sft, weighted": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    "gradient accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_dpo_trainer_logs_what_trl_logs(case, tok, tmp_path):
+    kw = CASES[case]
+    assert_same_logs(train_log(FusedDPOTrainer, tok, tmp_path, **kw), train_log(DPOTrainer, tok, tmp_path, **kw))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_fused_dpo_trainer_with_lora_logs_what_trl_logs(precompute, tok, tmp_path):
+    kw = {"precompute_ref_log_probs": precompute}
+    ours = train_log(FusedDPOTrainer, tok, tmp_path, peft=True, **kw)
+    assert_same_logs(ours, train_log(DPOTrainer, tok, tmp_path, peft=True, **kw))
+    assert ours[0]["rewards/margins"] != 0.0  # the reference really is the model with adapters off
+
+
+def test_precomputed_reference_is_computed_by_the_fused_head(tok, tmp_path):
+    """TRL caches precomputed reference log-probs by (data, model): a cache its own head wrote
+    in this process must not stand in for the fused head's."""
+    calls = []
+
+    class Counting(FusedDPOTrainer):
+        def compute_ref_log_probs(self, model, inputs):
+            calls.append(len(inputs["input_ids"]))
+            return super().compute_ref_log_probs(model, inputs)
+
+    model = tiny_llama(len(tok), seed=1)
+    args = dpo_args(tmp_path, precompute_ref_log_probs=True)
+    DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=preference_rows(), processing_class=tok)
+    trainer = Counting(model=model, args=args, train_dataset=preference_rows(), processing_class=tok)
+    assert sum(calls) == 2 * 12
+    ref = torch.tensor(trainer.train_dataset["ref_chosen_logps"])
+    assert torch.isfinite(ref).all() and (ref < 0).all()
+
+
+UNSUPPORTED = {
+    "loss_type": {"loss_type": ["ipo"]},
+    "loss_weights": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -0.5]},
+    "ld_alpha": {"ld_alpha": 0.5},
+    "f_divergence_type": {"f_divergence_type": "js_divergence"},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "use_weighting": {"use_weighting": True},
+    "sync_ref_model": {"sync_ref_model": True},
+    "padding_free": {"padding_free": True},
+}
+
+
+@pytest.mark.parametrize("option", list(UNSUPPORTED))
+def test_unsupported_options_are_refused_by_name(option, tok, tmp_path):
+    model = tiny_llama(len(tok), seed=1)
+    forward = model.forward
+    with pytest.raises(ValueError, match=f"does not support: {option}="):
+        FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=dpo_args(tmp_path, **UNSUPPORTED[option]),
+                        train_dataset=preference_rows(), processing_class=tok)
+    assert model.forward == forward  # refused before TRL touched the model
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_the_fused_head_cannot_train_are_refused(tok, tmp_path):
+    from peft import PromptTuningConfig
+
+    model = tiny_llama(len(tok), seed=1)
+    model.config.logit_scale = 2.0  # as Cohere: logits multiplied before the softmax
+    with pytest.raises(ValueError, match="logit_scale=2.0"):
+        FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=dpo_args(tmp_path),
+                        train_dataset=preference_rows(), processing_class=tok)
+    with pytest.raises(ValueError, match="prompt-learning"):
+        prompt_tuning = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        FusedDPOTrainer(model=tiny_llama(len(tok), seed=1), args=dpo_args(tmp_path), train_dataset=preference_rows(),
+                        processing_class=tok, peft_config=prompt_tuning)
+    with pytest.raises(ValueError, match="impl must be"):
+        FusedDPOTrainer(model=model, args=dpo_args(tmp_path), train_dataset=preference_rows(), processing_class=tok,
+                        impl="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLOTrainer
+
+
+def demo_quads(n: int = 8) -> Dataset:
+    return Dataset.from_list([dataclasses.asdict(q) for q in D.demo_quads("train")[:n]])
+
+
+def clo_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "clo"), per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1,
+                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                use_cpu=True, bf16=False, seed=0, beta=0.1, nll_weight=0.3, max_length=96, disable_tqdm=True)
+    return CLOConfig(**{**base, **kw})
+
+
+def clo_trainer(tok, tmp_path, data=None, **kw) -> CLOTrainer:
+    model = tiny_llama(len(tok), seed=1).train()
+    return CLOTrainer(model=model, ref_model=copy.deepcopy(model), args=clo_args(tmp_path, **kw),
+                      train_dataset=data if data is not None else demo_quads(), processing_class=tok)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, tok, tmp_path):
+    trainer = clo_trainer(tok, tmp_path, precompute_ref_log_probs=precompute)
+    quads = D.demo_quads("train")[:2]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    # the CLO order: sequence 4q + k is quad q's k-th (prompt, response) in its chat template
+    for q, quad in enumerate(quads):
+        for k, (prompt, response) in enumerate(quad.sequences()):
+            ids, labels, _ = D.encode_pair(tok, prompt, response, max_length=96)
+            n = len(ids)
+            assert batch["input_ids"][4 * q + k, :n].tolist() == ids
+            assert batch["labels"][4 * q + k, :n].tolist() == labels
+            assert (batch["labels"][4 * q + k, n:] == -100).all()
+    with torch.no_grad():
+        ref = trainer.ref_model.model(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).last_hidden_state
+        ref_logps = ck.sequence_logps(ref, trainer.ref_model.lm_head.weight, batch["labels"], shift=True,
+                                      impl="reference")
+    if precompute:
+        assert batch["ref_logps"] == pytest.approx(ref_logps, rel=1e-5)
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch)
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    c, r, m = ck.quad_pairs(2)
+    expected = ck.fused_linear_clo_loss(hidden.double(), model.lm_head.weight.double(), batch["labels"], chosen=c,
+                                        rejected=r, nll_mask=m, ref_logps=ref_logps.double(), beta=0.1,
+                                        nll_weight=0.3, shift=True, impl="reference").loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    (g,) = torch.autograd.grad(loss, model.lm_head.weight)
+    (g64,) = torch.autograd.grad(expected, model.lm_head.weight)
+    torch.testing.assert_close(g, g64.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_clo_trainer_loss_falls_and_precompute_gives_the_same_run(tok, tmp_path):
+    logs = {}
+    for precompute in (False, True):
+        trainer = clo_trainer(tok, tmp_path, precompute_ref_log_probs=precompute, max_steps=6, learning_rate=0.05,
+                              optim="adamw_torch")
+        trainer.train()
+        logs[precompute] = [h for h in trainer.state.log_history if "nll" in h]
+    on_the_fly, stored = logs[False], logs[True]
+    assert len(on_the_fly) == 6 and on_the_fly[-1]["loss"] < on_the_fly[0]["loss"]
+    assert on_the_fly[-1]["nll"] < on_the_fly[0]["nll"]
+    assert stored[1]["loss"] == pytest.approx(on_the_fly[1]["loss"], rel=1e-4)  # one Adam step: rounding only
+
+
+def test_clo_trainer_refuses_bad_quads_and_counts_skipped_ones(tok, tmp_path, caplog):
+    rows = [{**dataclasses.asdict(q), "split": "train"} for q in D.demo_quads("train")[:5]]
+    rows[2]["response_tgt"] = ""
+    rows[3]["split"] = "heldout"
+    data = Dataset.from_list(rows)
+    with pytest.raises(D.DataError, match="response_tgt"):
+        clo_trainer(tok, tmp_path, data=data)
+    with caplog.at_level("WARNING", logger="clo_kernels.integrations.trl"):
+        trainer = clo_trainer(tok, tmp_path, data=data, on_bad_row="skip")
+    assert len(trainer.train_dataset) == 3  # the empty response dropped, the held-out row kept out
+    assert "dropped 1" in caplog.text and "kept out: 1 rows of split 'heldout'" in caplog.text
+    with pytest.raises(TypeError, match="CLOConfig"):
+        CLOTrainer(model=tiny_llama(len(tok)), args=dpo_args(tmp_path), train_dataset=data, processing_class=tok)
+    with pytest.raises(ValueError, match="loss_type"):
+        clo_trainer(tok, tmp_path, loss_type=["sigmoid", "sft"])
