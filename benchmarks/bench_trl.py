@@ -52,11 +52,14 @@ def preference_rows():
     return Dataset.from_list(rows)
 
 
-def tokenizer():
+def tokenizer(folder: str | None):
+    """SmolLM2's: from a folder of tokenizer files, else from the embedded GGUF (needs gguf)."""
     from transformers import AutoTokenizer
 
     from clo.model import default_model_path
 
+    if folder:
+        return AutoTokenizer.from_pretrained(folder)
     path = default_model_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
@@ -82,7 +85,7 @@ def run(trainer_name: str, args) -> dict:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
 
-    tok = tokenizer()
+    tok = tokenizer(args.tokenizer)
     model = build(args.arch, args.device).train()
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
                     max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
@@ -119,7 +122,7 @@ def _rss_now_mib() -> float:
 def in_subprocess(trainer_name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
-           "--out", args.out]
+           "--out", args.out] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"trainer": trainer_name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -192,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=256, help="tokens per sequence at most (TRL's max_length)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after one warm-up")
     p.add_argument("--rounds", type=int, default=2, help="runs per trainer, alternating")
+    p.add_argument("--tokenizer", help="a folder of SmolLM2's tokenizer files (default: read from its GGUF)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_trl"))
     p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

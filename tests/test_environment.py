@@ -60,3 +60,22 @@ def test_import_does_not_touch_cuda():
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_import_without_the_trainer_dependencies():
+    """`import clo_kernels` needs torch only; the TRL drop-in says what to install."""
+    res = _run("""
+        import sys
+        for name in ("trl", "transformers", "datasets", "peft", "accelerate"):
+            sys.modules[name] = None  # not installed
+        import torch, clo_kernels as ck
+        h = torch.randn(4, 6, 8, requires_grad=True); w = torch.randn(11, 8)
+        c, r, m = ck.quad_pairs(1)
+        ck.fused_linear_clo_loss(h, w, torch.randint(0, 11, (4, 6)), chosen=c, rejected=r, nll_mask=m).loss.backward()
+        try:
+            import clo_kernels.integrations.trl
+        except ImportError as e:
+            print("ImportError:", e)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "pip install 'clo-kernels[trl]'" in res.stdout

@@ -238,3 +238,19 @@ def test_clo_trainer_refuses_bad_quads_and_counts_skipped_ones(tok, tmp_path, ca
         CLOTrainer(model=tiny_llama(len(tok)), args=dpo_args(tmp_path), train_dataset=data, processing_class=tok)
     with pytest.raises(ValueError, match="loss_type"):
         clo_trainer(tok, tmp_path, loss_type=["sigmoid", "sft"])
+
+
+def test_the_patched_forward_leaves_logits_and_generation_alone(tok):
+    from clo_kernels.integrations import hf
+
+    model = tiny_llama(len(tok), seed=2)
+    ids = torch.tensor([tok("Wie backe ich Brot?")["input_ids"]])
+    before = model(input_ids=ids).logits
+    greedy = model.generate(ids, max_new_tokens=5, do_sample=False)
+    hf.add_hidden_head(model)
+    hf.add_hidden_head(model)  # idempotent: one wrapper, not two
+    assert not getattr(model.forward.__wrapped__, "_clo_hidden_head", False)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), greedy)
+    hidden, weight = model(input_ids=ids, head_fn=lambda h, w, b, softcap: (h, w))
+    assert hidden.shape == (1, ids.shape[1], model.config.hidden_size) and weight is model.lm_head.weight
