@@ -254,3 +254,25 @@ def test_the_patched_forward_leaves_logits_and_generation_alone(tok):
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), greedy)
     hidden, weight = model(input_ids=ids, head_fn=lambda h, w, b, softcap: (h, w))
     assert hidden.shape == (1, ids.shape[1], model.config.hidden_size) and weight is model.lm_head.weight
+
+
+def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(tok, tmp_path):
+    """2 gloo ranks under torchrun: the loss runs inside DDP's forward, so gradients are
+    averaged over ranks as TRL's are (unsynchronised ranks would drift apart from step 2)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "logs.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(here / "trl_ddp_script.py"), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = json.loads(out.read_text())
+    assert logs["DPOTrainer.world"] == logs["FusedDPOTrainer.world"] == 2
+    assert_same_logs(logs["FusedDPOTrainer"], logs["DPOTrainer"])

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 try:
+    from accelerate.utils import is_peft_model
     from trl import DPOConfig, DPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
@@ -185,7 +186,7 @@ class FusedDPOTrainer(DPOTrainer):
         before training), or the peft policy with its adapters off (TRL's frozen "ref" adapter
         where it made one)."""
         adapter = contextlib.nullcontext()
-        if self.ref_model is None and hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+        if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter,
