@@ -165,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="score rows the evaluated run trained on (refused by default: they are not held out); "
                              "the report flags them")
 
+    p_gen = sub.add_parser("generate", help="a model's answers to your prompts (base and trained side by side)",
+                           description="Answer prompts with a trained model (greedy by default), optionally next "
+                                       "to the model it started from.")
+    p_gen.add_argument("prompts", nargs="+", help="one or more prompts, each one user turn")
+    p_gen.add_argument("--model", help="model to answer (default: <output-dir>/final)")
+    p_gen.add_argument("--baseline", nargs="?", const="auto", help="also answer with this model; without a value: "
+                                                                   "the base model of the run in --output-dir")
+    p_gen.add_argument("--output-dir", default="runs/clo", help="the training run (for the defaults above)")
+    p_gen.add_argument("--max-new-tokens", type=int, default=128)
+    p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p_gen.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    p_gen.add_argument("--top-p", type=float, default=0.9, help="with --sample")
+    p_gen.add_argument("--seed", type=int, default=0, help="with --sample")
+    p_gen.add_argument("--device", default="auto")
+
     sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers: runs benchmarks/bench_loss.py "
                                  "with the remaining arguments (clo bench --help)")
 
@@ -202,20 +217,22 @@ def _run(args: argparse.Namespace) -> int:
         from .prepare import prepare
 
         prepare(args)
+    elif args.command == "generate":
+        from .evaluate import run_generate
+
+        if args.max_new_tokens < 1 or (args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1)):
+            raise UserError("--max-new-tokens must be >= 1; with --sample, --temperature > 0 and 0 < --top-p <= 1")
+        models = [("model", _trained_model(args))]
+        if args.baseline is not None:
+            models.insert(0, ("baseline", _baseline(args, "auto")))
+        sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else None
+        run_generate(args.prompts, models=models, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                     seed=args.seed, device=None if args.device == "auto" else args.device)
     elif args.command == "eval":
         from .evaluate import run_eval
 
-        model = args.model
-        if model is None:
-            final = Path(args.output_dir) / "final"
-            if not final.exists():
-                raise UserError(f"no --model and no trained model in {final}; run `clo train` first")
-            model = str(final)
-        baseline = args.baseline
-        if baseline is None:  # the model the run in --output-dir started from
-            run_cfg = Path(args.output_dir) / "config.json"
-            baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None
-            baseline = baseline or "smollm2-135m-instruct"
+        model = _trained_model(args)
+        baseline = _baseline(args, None)
         baseline = None if baseline in ("none", "") else baseline
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
@@ -223,6 +240,29 @@ def _run(args: argparse.Namespace) -> int:
                  run_dir=Path(args.output_dir) if args.model is None else None,
                  include_trained=args.include_trained)
     return 0
+
+
+def _trained_model(args) -> str:
+    """--model, else <output-dir>/final."""
+    if args.model is not None:
+        return args.model
+    final = Path(args.output_dir) / "final"
+    if not final.exists():
+        raise UserError(f"no --model and no trained model in {final}; run `clo train` first")
+    return str(final)
+
+
+def _baseline(args, auto) -> str:
+    """--baseline; where it is ``auto``, the model the run started from (the run of --model when that
+    is a run's final/, else the run in --output-dir; the embedded default if it names none)."""
+    from .model import DEFAULT_MODEL
+
+    if args.baseline != auto:
+        return args.baseline
+    run = Path(args.model).parent if args.model and Path(args.model).is_dir() else Path(args.output_dir)
+    run_cfg = run / "config.json"
+    baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None
+    return baseline or DEFAULT_MODEL
 
 
 def _bench(rest: list[str]) -> int:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 SAMPLE_CHARS = 200  # characters of each answer shown side by side in the report
 NUM_SIDE_BY_SIDE = 5
+NUM_SIDE_BY_SIDE_EN = 3
 
 # ----------------------------------------------------------------------------------------------
 # Language identification
@@ -85,6 +86,50 @@ def detect_language(text: str) -> tuple[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Answer quality: loops and echoes
+
+LOOP_REPEATS = 3  # an answer loops when one word trigram occurs this often in it
+ECHO_WORDS = 6    # an answer echoes its prompt when it contains the prompt's first words in order
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", clean_text(text or "").lower())
+
+
+def _trigrams(text: str) -> list[tuple[str, str, str]]:
+    w = _words(text)
+    return list(zip(w, w[1:], w[2:], strict=False))
+
+
+def repeated_trigrams(text: str) -> tuple[int, int]:
+    """(repeats, trigrams): word trigrams of ``text`` that already occurred earlier in it, of all."""
+    grams = _trigrams(text)
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def loops(text: str) -> bool:
+    """True when one word trigram occurs LOOP_REPEATS times or more: the answer is going round."""
+    counts = Counter(_trigrams(text))
+    return bool(counts) and max(counts.values()) >= LOOP_REPEATS
+
+
+def echoes(prompt: str, answer: str) -> bool:
+    """True when ``answer`` repeats the prompt: its first ECHO_WORDS words (all, if fewer), in order."""
+    head = _words(prompt)[:ECHO_WORDS]
+    return bool(head) and f" {' '.join(head)} " in f" {' '.join(_words(answer))} "
+
+
+def answer_quality(samples: list[dict]) -> dict:
+    """Over answers (``samples`` of one prompt kind): repeated_trigram_share (repeated word trigrams
+    of all, pooled over the answers; NaN without any), looping and echoing (answer counts), answers."""
+    repeats = sum(repeated_trigrams(s["response"])[0] for s in samples)
+    grams = sum(repeated_trigrams(s["response"])[1] for s in samples)
+    return {"answers": len(samples), "repeated_trigram_share": repeats / grams if grams else math.nan,
+            "looping": sum(loops(s["response"]) for s in samples),
+            "echoing": sum(echoes(s["prompt"], s["response"]) for s in samples)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -103,8 +148,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-                       progress: bool = True) -> list[str]:
-    """Greedy answers to ``prompts`` (one user turn each, in the chat template), in input order.
+                       progress: bool = True, sampling: dict | None = None) -> list[str]:
+    """Greedy answers to ``prompts`` (one user turn each, in the chat template), in input order;
+    ``sampling`` ({"temperature": t, "top_p": p}) samples instead (seed torch's generator first).
 
     Prompts are batched by length (less padding) and padded on the LEFT, so every row's last
     prompt token sits at the same position and generation continues right after it. Only the
@@ -136,10 +182,10 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
             with torch.no_grad():
                 gen = model.generate(
                     input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens, do_sample=False,
-                    # Sampling settings of the model's generation config do not apply to greedy
-                    # decoding; unset, so transformers does not warn about them on every batch.
-                    temperature=None, top_p=None, top_k=None,
+                    max_new_tokens=max_new_tokens, do_sample=sampling is not None,
+                    # Greedy: the generation config's sampling settings do not apply; unset, so
+                    # transformers does not warn about them on every batch.
+                    **(sampling or {"temperature": None, "top_p": None}), top_k=None,
                     eos_token_id=eos or None, pad_token_id=tokenizer.pad_token_id)
             for row, seq in zip(rows, gen[:, input_ids.shape[1]:].tolist(), strict=True):
                 cut = next((j for j, t in enumerate(seq) if t in eos), len(seq))
@@ -156,18 +202,25 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
 # Held-out NLL
 
 
-def heldout_nll(model, tokenizer, quads: list[Quad], *, max_length: int = 256, batch_size: int = 8) -> float:
-    """Mean per-token NLL (nats) of the target responses given the target prompts (sequence 2
-    of each quad, the CLO NLL term): total NLL over total response tokens.
+HELDOUT_PAIRS = {"target": ("prompt_tgt", "response_tgt"), "english": ("prompt_en", "response_en")}
+
+
+def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", max_length: int = 256,
+                batch_size: int = 8) -> float:
+    """Mean per-token NLL (nats) of the reference answers given their prompts: kind "target",
+    the target responses to the target prompts (sequence 2 of each quad, the CLO NLL term), or
+    "english", the English responses to the English prompts (sequence 0: English kept means this
+    does not rise). Total NLL over total response tokens.
 
     Computed like the training loss, from the backbone's hidden states and the head's weight
     with ``clo_kernels.sequence_logps``. Quads whose prompt does not fit ``max_length`` are
     left out with a warning; responses are cut at ``max_length``. NaN if no token is left."""
+    prompt_field, response_field = HELDOUT_PAIRS[kind]
     seqs = []
     for q in quads:
         try:
-            seqs.append(encode_pair(tokenizer, q.prompt_tgt, q.response_tgt, max_length=max_length,
-                                    name=f"quad {q.id!r}")[:2])
+            seqs.append(encode_pair(tokenizer, getattr(q, prompt_field), getattr(q, response_field),
+                                    max_length=max_length, name=f"quad {q.id!r}")[:2])
         except DataError as err:
             log.warning("heldout_nll: left out %s", err)
     if len(seqs) < len(quads):
@@ -209,9 +262,10 @@ def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str, max
     target_fidelity (share of target prompts answered in target_lang), english_fidelity (share
     of English prompts answered in "en"), target_answer_langs / english_answer_langs (Counters
     of detected languages of the answers without verbatim repeats of the prompt, "unknown" for
-    answers with no other text), heldout_nll (see
-    ``heldout_nll``), max_new_tokens, generate_seconds, and samples: one record per prompt,
-    {id, prompt, response, lang, prob, kind}, kind "target" or "english"."""
+    answers with no other text), heldout_nll and english_heldout_nll (see
+    ``heldout_nll``), quality ({"target": answer_quality, "english": answer_quality}),
+    max_new_tokens, generate_seconds, and samples: one record per prompt, {id, prompt, response,
+    lang, prob, kind, loops}, kind "target" or "english"."""
     quads = list(quads)[:limit] if limit is not None else list(quads)
     if not quads:
         raise ValueError("evaluate_model: no quads to evaluate")
@@ -226,7 +280,8 @@ def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str, max
         # Small models often repeat the prompt before (or instead of) answering; a repeated
         # German prompt would make an English answer count as German. Judge the rest only.
         lang, prob = detect_language(response.replace(prompt.strip(), " "))
-        samples.append({"id": q.id, "prompt": prompt, "response": response, "lang": lang, "prob": prob, "kind": kind})
+        samples.append({"id": q.id, "prompt": prompt, "response": response, "lang": lang, "prob": prob, "kind": kind,
+                        "loops": loops(response)})
     tgt = Counter(s["lang"] for s in samples if s["kind"] == "target")
     eng = Counter(s["lang"] for s in samples if s["kind"] == "english")
     return {
@@ -237,6 +292,9 @@ def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str, max
         "target_answer_langs": tgt,
         "english_answer_langs": eng,
         "heldout_nll": heldout_nll(model, tokenizer, quads, max_length=max_length, batch_size=batch_size),
+        "english_heldout_nll": heldout_nll(model, tokenizer, quads, kind="english", max_length=max_length,
+                                           batch_size=batch_size),
+        "quality": {k: answer_quality([s for s in samples if s["kind"] == k]) for k in HELDOUT_PAIRS},
         "max_new_tokens": max_new_tokens,
         "generate_seconds": round(seconds, 3),
         "samples": samples,
@@ -263,6 +321,10 @@ def _nll(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
 
 
+def _share(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def _langs(counts: dict) -> str:
     return ", ".join(f"{lang} {n}" for lang, n in Counter(counts).most_common()) or "none"
 
@@ -279,35 +341,61 @@ def summary(result: dict, *, title: str | None = None) -> str:
              f"| target fidelity ({lang} prompts answered in {lang}) | {_pct(result['target_fidelity'])} |",
              f"| English fidelity (en prompts answered in en) | {_pct(result['english_fidelity'])} |",
              f"| held-out NLL ({lang} responses, nats/token) | {_nll(result['heldout_nll'])} |",
+             f"| held-out NLL (en responses, nats/token) | {_nll(result.get('english_heldout_nll'))} |",
              f"| answer languages, {lang} prompts | {_langs(result['target_answer_langs'])} |",
-             f"| answer languages, en prompts | {_langs(result['english_answer_langs'])} |", ""]
-    return "\n".join(lines)
+             f"| answer languages, en prompts | {_langs(result['english_answer_langs'])} |"]
+    for kind, name in (("target", lang), ("english", "en")):
+        q = result.get("quality", {}).get(kind)
+        if q:
+            lines += [f"| repeated word trigrams, {name} answers | {_share(q['repeated_trigram_share'])} |",
+                      f"| looping / prompt-echoing {name} answers | {q['looping']} / {q['echoing']} of "
+                      f"{q['answers']} |"]
+    return "\n".join(lines + [""])
 
 
 def compare(before: dict, after: dict) -> str:
-    """Markdown: before/after/change of the fidelities and the held-out NLL, then the answers of
-    both models to the first few target prompts side by side."""
+    """Markdown: before/after/change of the fidelities, the held-out NLLs and the answers' quality,
+    then both models' answers to the first few target and English prompts side by side."""
     b_name, a_name = before.get("model", "before"), after.get("model", "after")
     lang = after["target_lang"]
 
     def row(name, key, fmt, change):
-        b, a = before[key], after[key]
-        return f"| {name} | {fmt(b)} | {fmt(a)} | {change(a - b)} |"
+        b, a = before.get(key, math.nan), after.get(key, math.nan)
+        return f"| {name} | {fmt(b)} | {fmt(a)} | {change(a - b, b)} |"
 
     lines = [f"## Before vs after ({lang})", "", f"before: `{b_name}`, after: `{a_name}`", "",
              "| metric | before | after | change |", "|---|---|---|---|",
-             row("target fidelity", "target_fidelity", _pct, lambda d: f"{100 * d:+.1f} pts"),
-             row("English fidelity", "english_fidelity", _pct, lambda d: f"{100 * d:+.1f} pts"),
-             row("held-out NLL", "heldout_nll", _nll, lambda d: "n/a" if math.isnan(d) else f"{d:+.4f}"),
-             "", f"### Sample answers to {lang} prompts", "",
-             "| prompt | before | after |", "|---|---|---|"]
-    after_by_id = {s["id"]: s for s in after["samples"] if s["kind"] == "target"}
-    shown = [s for s in before["samples"] if s["kind"] == "target" and s["id"] in after_by_id][:NUM_SIDE_BY_SIDE]
-    for s in shown:
-        a = after_by_id[s["id"]]
-        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['response'])} ({s['lang']}) | "
-                     f"{_cell(a['response'])} ({a['lang']}) |")
+             row("target fidelity", "target_fidelity", _pct, lambda d, b: f"{100 * d:+.1f} pts"),
+             row("English fidelity", "english_fidelity", _pct, lambda d, b: f"{100 * d:+.1f} pts"),
+             row("held-out NLL", "heldout_nll", _nll, lambda d, b: _signed(d)),
+             row("held-out NLL, English", "english_heldout_nll", _nll, _relative)]
+    if "quality" in before and "quality" in after:
+        for kind, name in (("target", lang), ("english", "en")):
+            b, a = before["quality"][kind], after["quality"][kind]
+            lines += [f"| repeated word trigrams, {name} answers | {_share(b['repeated_trigram_share'])} | "
+                      f"{_share(a['repeated_trigram_share'])} | "
+                      f"{_signed(a['repeated_trigram_share'] - b['repeated_trigram_share'], 3)} |",
+                      f"| looping {name} answers | {b['looping']} of {b['answers']} | {a['looping']} of "
+                      f"{a['answers']} | {a['looping'] - b['looping']:+d} |"]
+    for kind, name, n in (("target", lang, NUM_SIDE_BY_SIDE), ("english", "en", NUM_SIDE_BY_SIDE_EN)):
+        lines += ["", f"### Sample answers to {name} prompts", "", "| prompt | before | after |", "|---|---|---|"]
+        after_by_id = {s["id"]: s for s in after["samples"] if s["kind"] == kind}
+        for s in [s for s in before["samples"] if s["kind"] == kind and s["id"] in after_by_id][:n]:
+            a = after_by_id[s["id"]]
+            lines.append(f"| {_cell(s['prompt'])} | {_sample(s)} | {_sample(a)} |")
     return "\n".join(lines) + "\n"
+
+
+def _sample(s: dict) -> str:
+    return f"{_cell(s['response'])} ({s['lang']}{', loops' if s.get('loops') else ''})"
+
+
+def _signed(d: float, digits: int = 4) -> str:
+    return "n/a" if d is None or math.isnan(d) else f"{d:+.{digits}f}"
+
+
+def _relative(d: float, base: float) -> str:
+    return "n/a" if math.isnan(d) else f"{d:+.4f} ({100 * d / base:+.1f}%)"
 
 
 def write_report(results: dict[str, dict], out_dir: str | Path, *, name: str = "eval") -> tuple[Path, Path]:
@@ -320,7 +408,53 @@ def write_report(results: dict[str, dict], out_dir: str | Path, *, name: str = "
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n",
                          encoding="utf-8")
     md_path.write_text(report_markdown(results), encoding="utf-8")
+    plot_report(results, out_dir / f"{name}.png")
     return json_path, md_path
+
+
+PLOTTED = (  # (measure, label) of the report's plot
+    ("target_fidelity", "{lang} prompts\nanswered in {lang}"),
+    ("english_fidelity", "en prompts\nanswered in en"),
+    ("target_loops", "looping\n{lang} answers"),
+    ("target_repeats", "repeated trigrams\n{lang} answers"),
+    ("english_loops", "looping\nen answers"),
+)
+
+
+def _plotted(result: dict) -> dict:
+    q = result.get("quality", {})
+    share = {k: q[k]["looping"] / max(q[k]["answers"], 1) for k in q}
+    return {"target_fidelity": result["target_fidelity"], "english_fidelity": result["english_fidelity"],
+            "target_loops": share.get("target", math.nan), "english_loops": share.get("english", math.nan),
+            "target_repeats": q.get("target", {}).get("repeated_trigram_share", math.nan)}
+
+
+def plot_report(results: dict[str, dict], path: Path) -> Path | None:
+    """Grouped bars, one group per measure (shares in [0, 1]), one bar per model. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lang = next(iter(results.values()))["target_lang"]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(results)
+    for i, (label, result) in enumerate(results.items()):
+        values = _plotted(result)
+        ax.bar([j + i * width for j in range(len(PLOTTED))], [values[k] for k, _ in PLOTTED], width,
+               label=f"{label}: {Path(str(result.get('model', label))).name}")
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(PLOTTED))],
+                  [text.format(lang=lang) for _, text in PLOTTED], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share")
+    ax.legend(fontsize=8)
+    ax.set_title("language fidelity (higher is better) and degenerate answers (lower is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def report_markdown(results: dict[str, dict]) -> str:
@@ -438,3 +572,33 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     markdown = md_path.read_text(encoding="utf-8")
     print(markdown)
     return {"results": results, "json_path": json_path, "md_path": md_path, "markdown": markdown}
+
+
+# ----------------------------------------------------------------------------------------------
+# clo generate
+
+
+def run_generate(prompts: list[str], *, models: list[tuple[str, str | None]], max_new_tokens: int = 128,
+                 sampling: dict | None = None, seed: int = 0, device: str | None = None) -> dict:
+    """``clo generate``: each model's answer to each prompt, printed side by side with the
+    answer's language (and "loops" where it goes round). ``models``: (label, spec) pairs, spec
+    None = the embedded default; loaded one at a time. Returns {label: [answers]}."""
+    from clo.model import DEFAULT_MODEL, load_model
+
+    device = device or _default_device()
+    answers = {}
+    for label, spec in models:
+        lm, tokenizer = load_model(spec, device=device)
+        torch.manual_seed(seed)
+        answers[label] = generate_responses(lm, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8,
+                                            progress=False, sampling=sampling)
+        del lm, tokenizer
+        _release_memory()
+    names = {label: spec or DEFAULT_MODEL for label, spec in models}
+    for i, prompt in enumerate(prompts):
+        print(f"\n> {prompt}")
+        for label, texts in answers.items():
+            lang, _ = detect_language(texts[i].replace(prompt.strip(), " "))
+            flag = ", loops" if loops(texts[i]) else ""
+            print(f"\n[{label}: {names[label]}] ({lang}{flag})\n{texts[i]}")
+    return answers

@@ -6,6 +6,7 @@ use hand-written answers where exact values are checked, since a random model wr
 """
 
 import json
+import math
 import logging
 
 import pytest
@@ -237,3 +238,68 @@ def test_run_eval_two_models(tokenizer, tmp_path, capsys):
     assert out["results"]["baseline"]["heldout_nll"] != out["results"]["model"]["heldout_nll"]
     assert out["json_path"].exists() and out["md_path"].exists()
     assert "Before vs after" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer quality
+
+
+LOOP = ("Das wird die Regenschirm, die in der Regenschirm einmal eine Regenschirm, die in der Regenschirm, "
+        "die in der Regenschirm")
+NORMAL = "Brot backt man aus Mehl, Wasser, Salz und Hefe; der Teig geht eine Stunde, dann kommt er in den Ofen."
+PROMPT = "Schreib eine kurze Einkaufsliste für eine vegetarische Lasagne."
+ECHO = "Schreib eine kurze Einkaufsliste für eine vegetarische Lasagne, und zwar schnell."
+
+
+def test_quality_measures_on_fixed_strings():
+    repeats, grams = ev.repeated_trigrams(LOOP)
+    assert grams == 17 and repeats == 6  # "die in der" and "in der regenschirm" three times each, ...
+    assert ev.loops(LOOP) and not ev.loops(NORMAL) and not ev.loops("")
+    assert ev.repeated_trigrams(NORMAL) == (0, 18)
+    assert ev.echoes(PROMPT, ECHO) and not ev.echoes(PROMPT, NORMAL) and not ev.echoes("", NORMAL)
+    assert ev.echoes("Hallo?", "hallo! wie gehts")  # a prompt shorter than ECHO_WORDS: all of it
+    q = ev.answer_quality([{"prompt": PROMPT, "response": r} for r in (LOOP, NORMAL, ECHO)])
+    assert q == {"answers": 3, "repeated_trigram_share": pytest.approx(6 / (17 + 18 + 9)), "looping": 1,
+                 "echoing": 1}
+    assert math.isnan(ev.answer_quality([{"prompt": PROMPT, "response": "ja"}])["repeated_trigram_share"])
+
+
+def test_reports_show_quality_and_english_nll(model, tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setattr(ev, "generate_responses", _fake_generate({q.prompt_tgt: LOOP for q in QUADS}))
+    before = ev.evaluate_model(model, tokenizer, QUADS, target_lang="de", progress=False)
+    monkeypatch.setattr(ev, "generate_responses", _fake_generate({**GERMAN, **ENGLISH}))
+    after = ev.evaluate_model(model, tokenizer, QUADS, target_lang="de", progress=False)
+    assert before["quality"]["target"]["looping"] == 3 and after["quality"]["target"]["looping"] == 0
+    assert before["samples"][0]["loops"] and not after["samples"][0]["loops"]
+    assert after["english_heldout_nll"] == pytest.approx(ev.heldout_nll(model, tokenizer, QUADS, kind="english"))
+    assert after["english_heldout_nll"] != pytest.approx(after["heldout_nll"])  # another sequence of the quad
+    md = ev.compare(before, after)
+    assert "| looping de answers | 3 of 3 | 0 of 3 | -3 |" in md
+    assert "| held-out NLL, English |" in md and "(+0.0%)" in md
+    assert "### Sample answers to en prompts" in md and "(de, loops)" in md
+    json_path, md_path = ev.write_report({"baseline": before, "model": after}, tmp_path / "out")
+    assert (tmp_path / "out" / "eval.png").stat().st_size > 0
+    assert "repeated word trigrams, de answers" in md_path.read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# clo generate
+
+
+def test_clo_generate_side_by_side_greedy_and_sampled(llama_dir, capsys):
+    from clo import cli
+
+    prompts = ["Wie backe ich Brot?", "How do I bake bread?"]
+    assert cli.main(["generate", "--model", llama_dir, "--baseline", llama_dir, "--max-new-tokens", "6",
+                     *prompts]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"[baseline: {llama_dir}]") == 2 and out.count(f"[model: {llama_dir}]") == 2
+    assert "> Wie backe ich Brot?" in out and "> How do I bake bread?" in out
+    answers = ev.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=6)["a"]
+    assert all(out.count(f"\n{a}\n") == 2 for a in answers)  # greedy: the same model answers alike twice
+    sampled = [ev.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=12,
+                               sampling={"temperature": 1.0, "top_p": 1.0}, seed=s)["a"] for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # seeded; 12 random-model tokens differ
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", llama_dir, "--sample", "--temperature", "0", "x"]) == 2
+    assert "--temperature > 0" in capsys.readouterr().err
