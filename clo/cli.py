@@ -165,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="score rows the evaluated run trained on (refused by default: they are not held out); "
                              "the report flags them")
 
+    p_cmp = sub.add_parser("compare", help="CLO vs SFT at equal data, and CLO at half the data (the paper's "
+                                           "comparison): three runs, one table",
+                           description="Train clo, sft and clo on half the quads with the same options, then score "
+                                       "the base model and all three on the held-out rows. Output: "
+                                       "<output-dir>/{clo,sft,clo-half}/ and compare.{json,md,png} "
+                                       "(default --output-dir runs/compare).")
+    p_cmp.add_argument("--config", help="YAML file of training options; command-line flags override it")
+    add_config_args(p_cmp, _TRAIN_CONFIG(), TRAIN_HELP)
+    p_cmp.add_argument("--max-new-tokens", type=int, default=48, help="evaluation: new tokens per answer")
+    p_cmp.add_argument("--limit", type=int, help="evaluation: only the first N held-out quads")
+
     p_gen = sub.add_parser("generate", help="a model's answers to your prompts (base and trained side by side)",
                            description="Answer prompts with a trained model (greedy by default), optionally next "
                                        "to the model it started from.")
@@ -217,6 +228,15 @@ def _run(args: argparse.Namespace) -> int:
         from .prepare import prepare
 
         prepare(args)
+    elif args.command == "compare":
+        from .compare import run_compare
+        from .train import TrainConfig
+
+        extra = {k: vars(args).pop(k) for k in ("max_new_tokens", "limit")}
+        cfg = build_config(TrainConfig, args)
+        if cfg.output_dir == TrainConfig.output_dir:  # not chosen: not the folder `clo train` uses
+            cfg = dataclasses.replace(cfg, output_dir="runs/compare")
+        run_compare(cfg, **extra)
     elif args.command == "generate":
         from .evaluate import run_generate
 

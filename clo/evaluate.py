@@ -525,6 +525,30 @@ def trained_on(quads: list[Quad], runs: list[Path]) -> tuple[list[str], Path | N
     return [], None
 
 
+def evaluate_models(runs: list[tuple[str, str | None]], quads: list[Quad], *, target_lang: str,
+                    max_new_tokens: int, batch_size: int = 16, device: str | None = None,
+                    dtype: torch.dtype | None = None, progress: bool = True, extra: dict | None = None) -> dict:
+    """{label: evaluate_model result plus "model" and ``extra``} for (label, spec) pairs (spec None =
+    the embedded default), loaded one at a time: the first is freed before the next is loaded.
+    dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it."""
+    from clo.model import DEFAULT_MODEL, load_model
+
+    device = device or _default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    results = {}
+    for label, spec in runs:
+        t0 = time.perf_counter()
+        lm, tokenizer = load_model(spec, dtype=dtype, device=device)
+        log.info("loaded %s (%s) in %.1f s", label, spec or "default", time.perf_counter() - t0)
+        result = evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, progress=progress)
+        results[label] = {"model": spec or DEFAULT_MODEL, **(extra or {}), **result}
+        del lm, tokenizer  # before the next model is loaded: two models need not fit at once
+        _release_memory()
+    return results
+
+
 def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None, target_lang: str,
              out_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True,
@@ -537,14 +561,8 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     ``model`` is) are refused, unless ``include_trained``: then they are scored and counted in
     the report as not held out.
 
-    dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it.
     Returns {"results": {label: evaluate_model result}, "json_path", "md_path", "markdown"}; the
     labels are "baseline" and "model", in that order (before, after)."""
-    from clo.model import DEFAULT_MODEL, load_model
-
-    device = device or _default_device()
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     quads, which = load_eval_quads(data)
     quads = quads[:limit] if limit is not None else quads
     model_run = Path(model).parent if model and Path(model).is_dir() else None  # <run>/final
@@ -558,16 +576,9 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     which += f"; {len(trained)} of them seen in training by {run}" if trained else ""
     log.info("scoring %s", which)
     runs = ([("baseline", baseline)] if baseline is not None else []) + [("model", model)]
-    results = {}
-    for label, spec in runs:
-        t0 = time.perf_counter()
-        lm, tokenizer = load_model(spec, dtype=dtype, device=device)
-        log.info("loaded %s (%s) in %.1f s", label, spec or "default", time.perf_counter() - t0)
-        result = evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, progress=progress)
-        results[label] = {"model": spec or DEFAULT_MODEL, "rows": which, "trained_rows": trained, **result}
-        del lm, tokenizer  # before the next model is loaded: two models need not fit at once
-        _release_memory()
+    results = evaluate_models(runs, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                              extra={"rows": which, "trained_rows": trained})
     json_path, md_path = write_report(results, out_dir)
     markdown = md_path.read_text(encoding="utf-8")
     print(markdown)
