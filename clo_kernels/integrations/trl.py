@@ -5,7 +5,8 @@
 ``FusedDPOTrainer`` takes ``trl.DPOTrainer``'s arguments (plus keyword-only ``impl`` and
 ``options`` of the fused loss). The policy's sequence log-probs and the loss come from
 ``fused_linear_clo_loss`` on the final hidden states and the lm_head weight, computed inside the
-model's forward (hf.add_hidden_head), so DDP, FSDP2 and peft wrappers stay around the loss; the
+model's forward (hf.add_hidden_head), so the DDP, FSDP2 and peft wrappers stay around the loss
+(tests/test_trl.py runs one process, DDP and LoRA; FSDP2 and DeepSpeed are untested); the
 reference log-probs come from ``sequence_logps``: precomputed (precompute_ref_log_probs) or on
 the fly from the reference model, or from the peft model with its adapters disabled, as TRL
 does. The [tokens x vocab] logits are never built. TRL's loss maps onto the CLO objective::
