@@ -313,17 +313,17 @@ def test_clo_compare_end_to_end(llama_dir, tmp_path, capsys):
     from clo import cli
 
     out = tmp_path / "cmp"
-    assert cli.main(["compare", "--model", llama_dir, "--max-quads", "4", "--max-steps", "4", "--batch-quads", "1",
+    assert cli.main(["compare", "--model", llama_dir, "--max-quads", "2", "--max-steps", "2", "--batch-quads", "1",
                      "--max-length", "128", "--no-progress", "--device", "cpu", "--output-dir", str(out),
-                     "--limit", "2", "--max-new-tokens", "4"]) == 0
+                     "--limit", "1", "--max-new-tokens", "4"]) == 0
     results = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     assert list(results) == ["baseline", "clo", "sft", "clo-half"]
-    assert [results[a]["train_quads"] for a in ("clo", "sft", "clo-half")] == [4, 4, 2]
+    assert [results[a]["train_quads"] for a in ("clo", "sft", "clo-half")] == [2, 2, 1]
     for arm, method in (("clo", "clo"), ("sft", "sft"), ("clo-half", "clo")):
         assert json.loads((out / arm / "config.json").read_text())["method"] == method
         seen = json.loads((out / arm / "trained_quads.json").read_text())["quads"]
-        assert len(seen) == (2 if arm == "clo-half" else 4)  # 4 steps of 1 quad: every quad of the arm
-        assert results[arm]["num_prompts"] == 2
+        assert len(seen) == (1 if arm == "clo-half" else 2)  # 2 steps of 1 quad: every quad of the arm
+        assert results[arm]["num_prompts"] == 1
     md = (out / "compare.md").read_text(encoding="utf-8")
-    assert md.count("\n| clo") == 2 and "\n| sft | sft, 4 quads |" in md and "\n| baseline | - |" in md
+    assert md.count("\n| clo") == 2 and "\n| sft | sft, 2 quads |" in md and "\n| baseline | - |" in md
     assert (out / "compare.png").stat().st_size > 0 and "CLO vs SFT" in capsys.readouterr().out
