@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "to the model it started from.")
     p_gen.add_argument("prompts", nargs="+", help="one or more prompts, each one user turn")
     p_gen.add_argument("--model", help="model to answer (default: <output-dir>/final)")
-    p_gen.add_argument("--baseline", nargs="?", const="auto", help="also answer with this model; without a value: "
-                                                                   "the base model of the run in --output-dir")
+    p_gen.add_argument("--baseline", action="store_true", help="also answer with the model the run started from "
+                                                                "(the run of --model, else of --output-dir)")
+    p_gen.add_argument("--baseline-model", help="also answer with this model (implies --baseline)")
     p_gen.add_argument("--output-dir", default="runs/clo", help="the training run (for the defaults above)")
     p_gen.add_argument("--max-new-tokens", type=int, default=128)
     p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -243,8 +244,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.max_new_tokens < 1 or (args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1)):
             raise UserError("--max-new-tokens must be >= 1; with --sample, --temperature > 0 and 0 < --top-p <= 1")
         models = [("model", _trained_model(args))]
-        if args.baseline is not None:
-            models.insert(0, ("baseline", _baseline(args, "auto")))
+        if args.baseline or args.baseline_model:
+            models.insert(0, ("baseline", args.baseline_model or _run_base_model(args)))
         sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else None
         run_generate(args.prompts, models=models, max_new_tokens=args.max_new_tokens, sampling=sampling,
                      seed=args.seed, device=None if args.device == "auto" else args.device)
@@ -252,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluate import run_eval
 
         model = _trained_model(args)
-        baseline = _baseline(args, None)
+        baseline = args.baseline if args.baseline is not None else _run_base_model(args)
         baseline = None if baseline in ("none", "") else baseline
         run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
                  out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
@@ -272,13 +273,11 @@ def _trained_model(args) -> str:
     return str(final)
 
 
-def _baseline(args, auto) -> str:
-    """--baseline; where it is ``auto``, the model the run started from (the run of --model when that
-    is a run's final/, else the run in --output-dir; the embedded default if it names none)."""
+def _run_base_model(args) -> str:
+    """The model the run started from: the run of --model when that is a run's final/, else the run
+    in --output-dir; the embedded default if it names none."""
     from .model import DEFAULT_MODEL
 
-    if args.baseline != auto:
-        return args.baseline
     run = Path(args.model).parent if args.model and Path(args.model).is_dir() else Path(args.output_dir)
     run_cfg = run / "config.json"
     baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None

@@ -286,11 +286,27 @@ def test_reports_show_quality_and_english_nll(model, tokenizer, monkeypatch, tmp
 # clo generate
 
 
+def test_clo_generate_baseline_is_the_runs_base_model(llama_dir, tok, tmp_path, capsys):
+    """`clo generate --baseline PROMPT`: the flag takes no value (the prompt stays a prompt), and
+    the baseline is the model the run in --output-dir started from."""
+    from trainer_fixtures import save_model
+
+    from clo import cli
+
+    run = tmp_path / "run"
+    save_model(tiny_llama(len(tok), seed=5), tok, run / "final")
+    (run / "config.json").write_text(json.dumps({"model": llama_dir}))
+    assert cli.main(["generate", "--output-dir", str(run), "--baseline", "Wie backe ich Brot?",
+                     "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "> Wie backe ich Brot?" in out and f"[baseline: {llama_dir}]" in out and f"[model: {run / 'final'}]" in out
+
+
 def test_clo_generate_side_by_side_greedy_and_sampled(llama_dir, capsys):
     from clo import cli
 
     prompts = ["Wie backe ich Brot?", "How do I bake bread?"]
-    assert cli.main(["generate", "--model", llama_dir, "--baseline", llama_dir, "--max-new-tokens", "6",
+    assert cli.main(["generate", "--model", llama_dir, "--baseline-model", llama_dir, "--max-new-tokens", "6",
                      *prompts]) == 0
     out = capsys.readouterr().out
     assert out.count(f"[baseline: {llama_dir}]") == 2 and out.count(f"[model: {llama_dir}]") == 2
