@@ -167,19 +167,20 @@ class FusedDPOTrainer(DPOTrainer):
     # The head: everything goes through the model's (patched) forward
 
     def _head(self, model, inputs, fn):
+        """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype, autocast off."""
+
+        def in_one_dtype(hidden, weight, bias, softcap):
+            hidden, weight, bias = _one_dtype(hidden, weight, bias)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return fn(hidden, weight, bias, softcap)
+
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=fn)
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=in_one_dtype)
 
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         labels = self._labels(inputs)
-
-        def fn(hidden, weight, bias, softcap):
-            hidden, weight, bias = _one_dtype(hidden, weight, bias)
-            with torch.autocast(hidden.device.type, enabled=False):
-                return sequence_logps(hidden, weight, labels, bias=bias, softcap=softcap, shift=True,
-                                      impl=self._impl, options=self._options)
-
-        return self._head(model, inputs, fn)
+        return self._head(model, inputs, lambda hidden, weight, bias, softcap: sequence_logps(
+            hidden, weight, labels, bias=bias, softcap=softcap, shift=True, impl=self._impl, options=self._options))
 
     @torch.no_grad()
     def _reference_logps(self, model, inputs) -> torch.Tensor:
@@ -221,12 +222,10 @@ class FusedDPOTrainer(DPOTrainer):
             ref = self._reference_logps(self.ref_model or self.model, inputs)
 
         def fn(hidden, weight, bias, softcap):
-            hidden, weight, bias = _one_dtype(hidden, weight, bias)
-            with torch.autocast(hidden.device.type, enabled=False):
-                return fused_linear_clo_loss(
-                    hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
-                    ref_logps=ref.to(hidden.device), beta=self.beta, nll_weight=self._nll_weight, bias=bias,
-                    softcap=softcap, shift=True, impl=self._impl, options=self._options)
+            return fused_linear_clo_loss(
+                hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
+                ref_logps=ref.to(hidden.device), beta=self.beta, nll_weight=self._nll_weight, bias=bias,
+                softcap=softcap, shift=True, impl=self._impl, options=self._options)
 
         out = self._head(model, inputs, fn)
         loss = out.loss if self._loss_scale == 1.0 else out.loss * self._loss_scale
