@@ -38,8 +38,7 @@ def run_compare(cfg, *, max_new_tokens: int = 48, limit: int | None = None, batc
     train_quads, _ = load_training_quads(cfg)  # the data's problems surface before any training
     heldout, which = ev.load_eval_quads(cfg.data)
     heldout = heldout[:limit] if limit is not None else heldout
-    seen = {D.prompt_key(getattr(q, f)) for q in train_quads for f in D.PROMPT_FIELDS}
-    overlap = [q.id for q in heldout if any(D.prompt_key(getattr(q, f)) in seen for f in D.PROMPT_FIELDS)]
+    overlap = ev.with_prompts_in(heldout, {D.prompt_key(getattr(q, f)) for q in train_quads for f in D.PROMPT_FIELDS})
     if overlap:
         raise UserError(f"{len(overlap)} of the held-out rows ({which}) are also training rows (ids "
                         f"{', '.join(overlap[:5])}): `clo compare` needs a held-out split (\"split\": \"heldout\")")
@@ -58,18 +57,18 @@ def run_compare(cfg, *, max_new_tokens: int = 48, limit: int | None = None, batc
     json_path, md_path, png_path = out / "compare.json", out / "compare.md", out / "compare.png"
     json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=ev._json_default) + "\n",
                          encoding="utf-8")
-    md_path.write_text(markdown(results, cfg, steps=cfg.max_steps * cfg.batch_quads * cfg.grad_accum),
+    md_path.write_text(markdown(results, cfg, quads_seen=cfg.max_steps * cfg.batch_quads * cfg.grad_accum),
                        encoding="utf-8")
     ev.plot_report(results, png_path)
     print(md_path.read_text(encoding="utf-8"))
     return {"results": results, "quads": sizes, "json_path": json_path, "md_path": md_path, "png_path": png_path}
 
 
-def markdown(results: dict, cfg, *, steps: int) -> str:
+def markdown(results: dict, cfg, *, quads_seen: int) -> str:
     lang = cfg.target_lang
     base = results["baseline"]
     lines = [f"# CLO vs SFT ({lang})", "",
-             f"Base model `{base['model']}`; every arm {cfg.max_steps} steps, {steps} quads seen, lr {cfg.lr}, "
+             f"Base model `{base['model']}`; every arm {cfg.max_steps} steps, {quads_seen} quads seen, lr {cfg.lr}, "
              f"beta {cfg.beta}, nll_weight {cfg.nll_weight} (clo arms). Scored on {base['rows']}, "
              f"{base['max_new_tokens']} new tokens, greedy.", "",
              f"| run | trained: method, quads seen | {lang} prompts answered in {lang} | en prompts answered in en | "

@@ -122,8 +122,8 @@ def echoes(prompt: str, answer: str) -> bool:
 def answer_quality(samples: list[dict]) -> dict:
     """Over answers (``samples`` of one prompt kind): repeated_trigram_share (repeated word trigrams
     of all, pooled over the answers; NaN without any), looping and echoing (answer counts), answers."""
-    repeats = sum(repeated_trigrams(s["response"])[0] for s in samples)
-    grams = sum(repeated_trigrams(s["response"])[1] for s in samples)
+    counts = [repeated_trigrams(s["response"]) for s in samples]
+    repeats, grams = sum(r for r, _ in counts), sum(n for _, n in counts)
     return {"answers": len(samples), "repeated_trigram_share": repeats / grams if grams else math.nan,
             "looping": sum(loops(s["response"]) for s in samples),
             "echoing": sum(echoes(s["prompt"], s["response"]) for s in samples)}
@@ -512,16 +512,23 @@ def load_eval_quads(data: str | Path | None) -> tuple[list[Quad], str]:
     return quads, report.describe_split("heldout")
 
 
+def with_prompts_in(quads: list[Quad], seen: set[str]) -> list[str]:
+    """Ids of the ``quads`` whose English or target prompt has a ``prompt_key`` in ``seen``."""
+    from clo.data import PROMPT_FIELDS, prompt_key
+
+    return [q.id for q in quads if any(prompt_key(getattr(q, f)) in seen for f in PROMPT_FIELDS)]
+
+
 def trained_on(quads: list[Quad], runs: list[Path]) -> tuple[list[str], Path | None]:
     """Ids of the ``quads`` whose English or target prompt a training run in ``runs`` trained on
     (its trained_quads.json), and that run's folder."""
-    from clo.data import PROMPT_FIELDS, prompt_key
+    from clo.data import PROMPT_FIELDS
 
     for run in runs:
         path = run / "trained_quads.json"
         if path.exists():
             seen = {row[f] for row in json.loads(path.read_text())["quads"] for f in PROMPT_FIELDS}
-            return [q.id for q in quads if any(prompt_key(getattr(q, f)) in seen for f in PROMPT_FIELDS)], run
+            return with_prompts_in(quads, seen), run
     return [], None
 
 
@@ -531,22 +538,34 @@ def evaluate_models(runs: list[tuple[str, str | None]], quads: list[Quad], *, ta
     """{label: evaluate_model result plus "model" and ``extra``} for (label, spec) pairs (spec None =
     the embedded default), loaded one at a time: the first is freed before the next is loaded.
     dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it."""
-    from clo.model import DEFAULT_MODEL, load_model
+    from clo.model import DEFAULT_MODEL
+
+    def evaluate(lm, tokenizer):
+        return evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, progress=progress)
+
+    return {label: {"model": spec or DEFAULT_MODEL, **(extra or {}), **result}
+            for (label, spec), result in zip(runs, _one_at_a_time(runs, evaluate, device=device, dtype=dtype),
+                                             strict=True)}
+
+
+def _one_at_a_time(runs: list[tuple[str, str | None]], fn, *, device: str | None, dtype: torch.dtype | None) -> list:
+    """[fn(model, tokenizer) for each (label, spec) of ``runs``], each model freed before the next
+    loads (two models need not fit at once). dtype None: float32 on CPU, bfloat16 where CUDA supports it."""
+    from clo.model import load_model
 
     device = device or _default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    results = {}
+    out = []
     for label, spec in runs:
         t0 = time.perf_counter()
         lm, tokenizer = load_model(spec, dtype=dtype, device=device)
         log.info("loaded %s (%s) in %.1f s", label, spec or "default", time.perf_counter() - t0)
-        result = evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, progress=progress)
-        results[label] = {"model": spec or DEFAULT_MODEL, **(extra or {}), **result}
-        del lm, tokenizer  # before the next model is loaded: two models need not fit at once
+        out.append(fn(lm, tokenizer))
+        del lm, tokenizer
         _release_memory()
-    return results
+    return out
 
 
 def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None, target_lang: str,
@@ -594,17 +613,15 @@ def run_generate(prompts: list[str], *, models: list[tuple[str, str | None]], ma
     """``clo generate``: each model's answer to each prompt, printed side by side with the
     answer's language (and "loops" where it goes round). ``models``: (label, spec) pairs, spec
     None = the embedded default; loaded one at a time. Returns {label: [answers]}."""
-    from clo.model import DEFAULT_MODEL, load_model
+    from clo.model import DEFAULT_MODEL
 
-    device = device or _default_device()
-    answers = {}
-    for label, spec in models:
-        lm, tokenizer = load_model(spec, device=device)
+    def answer(lm, tokenizer):
         torch.manual_seed(seed)
-        answers[label] = generate_responses(lm, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8,
-                                            progress=False, sampling=sampling)
-        del lm, tokenizer
-        _release_memory()
+        return generate_responses(lm, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8,
+                                  progress=False, sampling=sampling)
+
+    texts = _one_at_a_time(models, answer, device=device, dtype=torch.float32)
+    answers = {label: t for (label, _), t in zip(models, texts, strict=True)}
     names = {label: spec or DEFAULT_MODEL for label, spec in models}
     for i, prompt in enumerate(prompts):
         print(f"\n> {prompt}")
