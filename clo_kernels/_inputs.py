@@ -9,6 +9,7 @@ whenever its memory allows), ``labels`` (N,) already shifted, and ``seq_ids`` (N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,24 @@ class TokenBatch:
     # validate=False only: (N,) bool, label outside [0, V) (not ignore_index) or seq_id outside [0, S).
     # Such tokens get a NaN log-prob and poison the loss; their seq_ids are clamped in range.
     bad_token: torch.Tensor | None
+
+
+class HeadTensors(NamedTuple):
+    """The tensors of one two-pass linear-head call (impl "triton" or "torch", backward
+    "staged" or "atomic"): what its launchers take, and what its forward saves for the
+    backward (``ctx.save_for_backward(*tensors)``, then ``HeadTensors(*ctx.saved_tensors)``).
+
+    hidden and labels are the TokenBatch's; rows and n_valid say which tokens carry a label,
+    in the form each implementation wants; the forward fills lse."""
+
+    hidden: torch.Tensor  # TokenBatch.hidden (N, D)
+    weight: torch.Tensor  # (V, D); the Triton kernels want it with unit stride along D
+    bias: torch.Tensor | None  # (V,), dense for the Triton kernels
+    labels: torch.Tensor  # TokenBatch.labels (N,)
+    # torch: the labelled tokens' rows only; Triton: all N rows, labelled ones first (stable order)
+    rows: torch.Tensor
+    n_valid: torch.Tensor | None = None  # Triton: (1,) int32 count of labelled tokens, kept on the device
+    lse: torch.Tensor | None = None  # fp32 logsumexp from the forward: Triton (N,) by token, torch (len(rows),)
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

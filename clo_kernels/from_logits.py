@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _inputs as I
+from ._inputs import _FLOAT_DTYPES, TokenBatch, needs_autograd, resolve_impl
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
 from .one_pass import row_ops
@@ -20,7 +20,7 @@ class _LogitsLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, softcap, inplace, ops):
-        logp, lse = ops[0](logits, labels, None, softcap)
+        logp, lse = ops[0](logits, labels, bias=None, softcap=softcap)
         ctx.save_for_backward(logits, labels, lse)
         ctx.softcap, ctx.inplace, ctx.backward_into = softcap, inplace, ops[1]
         return logp
@@ -29,22 +29,22 @@ class _LogitsLogProb(torch.autograd.Function):
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
         dl = logits if ctx.inplace else torch.empty_like(logits)
-        ctx.backward_into(dl, logits, labels, lse, grad, None, ctx.softcap)
+        ctx.backward_into(dl, logits, labels, lse, grad, bias=None, softcap=ctx.softcap)
         return dl, None, None, None, None
 
 
-def logits_token_logps(batch: I.TokenBatch, softcap, impl: str, inplace: bool) -> torch.Tensor:
+def logits_token_logps(batch: TokenBatch, *, softcap, impl: str, inplace: bool) -> torch.Tensor:
     logits, labels = batch.hidden, batch.labels
     if impl == "reference":
         from .reference import reference_logits_token_logps
 
-        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap), batch)
+        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap=softcap), batch)
     ops = row_ops(impl)
     labels = labels.clamp(0, logits.shape[1] - 1)  # out-of-range ones become NaN in mask_token_logps
-    if I.needs_autograd(logits):
+    if needs_autograd(logits):
         out = _LogitsLogProb.apply(logits, labels, softcap, inplace, ops)
     else:
-        out = ops[0](logits, labels, None, softcap)[0]
+        out = ops[0](logits, labels, bias=None, softcap=softcap)[0]
     return mask_token_logps(out, batch)
 
 
@@ -77,7 +77,7 @@ def clo_loss_from_logits(
     only when nothing else needs the logits after the loss. The reference path has no
     in-place backward and ignores the flag.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dtype not in I._FLOAT_DTYPES:
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
         raise TypeError("logits must be a float32, bfloat16 or float16 tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
     batch = prepare_clo_batch(logits, labels, vocab_size=logits.shape[-1], chosen=chosen, rejected=rejected,
@@ -87,7 +87,7 @@ def clo_loss_from_logits(
                               impl=impl, validate=validate)
     if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
         raise ValueError("inplace_backward needs logits whose rows are contiguous")
-    tok = logits_token_logps(batch, softcap, I.resolve_impl(impl, logits.device), inplace_backward)
+    tok = logits_token_logps(batch, softcap=softcap, impl=resolve_impl(impl, logits.device), inplace=inplace_backward)
     return clo_objective(tok, batch, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
                          beta=beta, nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
                          num_nll_tokens=num_nll_tokens)

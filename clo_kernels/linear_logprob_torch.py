@@ -11,14 +11,16 @@ dtype) and work in fp32 over small row blocks, so their temporaries stay cache-s
 
 The two-pass head (``linear_token_logps_torch``, backward="staged") computes only the tokens
 that carry a label, ``chunk`` at a time: O(chunk x V) memory in the forward and the backward,
-which recomputes each chunk's logits. clo_kernels.one_pass is the faster default.
+which recomputes each chunk's logits. clo_kernels.one_pass is the faster default. Its
+launchers take the call's tensors as one ``HeadTensors`` (clo_kernels._inputs), as the
+Triton ones do, and their options by keyword.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._inputs import needs_autograd
+from ._inputs import HeadTensors, TokenBatch, needs_autograd
 from .options import LogProbOptions
 
 _ROW_BLOCK_ELEMS = 1 << 20  # fp32 temporaries of 4 MiB per row block (benchmarks/NOTES.md)
@@ -54,7 +56,7 @@ def _rows(z, bias, s, e, softcap):
     return u, capped(u, softcap)
 
 
-def rows_forward(z: torch.Tensor, labels: torch.Tensor, bias, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, bias, softcap) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, lse), each (n,) fp32, of logit rows z (n, V); labels (n,) already in [0, V)."""
     n, V = z.shape
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
@@ -66,7 +68,7 @@ def rows_forward(z: torch.Tensor, labels: torch.Tensor, bias, softcap) -> tuple[
     return logp, lse
 
 
-def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, *,
                    bias, softcap, db: torch.Tensor | None = None) -> None:
     """dl (n, V) = dL/dz for per-row scales g (n,); dl may be z itself (the one-pass loop writes
     the gradient over the logits). db, if given ((V,) fp32), gets the column sums of dz added
@@ -90,7 +92,7 @@ def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse:
             out.copy_(dz)
 
 
-def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, bias) -> tuple[torch.Tensor, ...]:
+def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, *, bias) -> tuple[torch.Tensor, ...]:
     """rows_forward for fp32 rows z that are the caller's scratch, without softcap: leaves
     exp(u - max u) in z, so that rows_grad_from_softmax_ needs one more pass, not three.
     Returns (logp, lse, 1 / sum exp(u - max u)), each (n,)."""
@@ -109,7 +111,7 @@ def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, bias) -> tuple[torch.Te
     return logp, lse, inv
 
 
-def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv: torch.Tensor,
+def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv: torch.Tensor, *,
                             db: torch.Tensor | None = None) -> None:
     """z := g * (onehot(y) - softmax) over what rows_softmax_ left in z; db += its column sums."""
     n, V = z.shape
@@ -120,7 +122,9 @@ def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tens
             db += dz.sum(0)
 
 
-def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
+def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (N,) fp32 log-probs, 0 at unlabelled tokens; lse (len(rows),) fp32."""
+    hidden, weight, bias, labels, rows = inputs.hidden, inputs.weight, inputs.bias, inputs.labels, inputs.rows
     V = weight.shape[0]
     chunk = opts.chunk_rows(V, 4, hidden.device)
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -128,48 +132,63 @@ def _forward(hidden, weight, bias, labels, rows, opts: LogProbOptions):
     for s in range(0, rows.numel(), chunk):
         r = rows[s : s + chunk]
         # Out-of-range labels are clamped here and turned into NaN by the caller.
-        out[r], lse[s : s + chunk] = rows_forward(hidden[r] @ weight.T, labels[r].clamp(0, V - 1), bias,
-                                                  opts.softcap)
+        out[r], lse[s : s + chunk] = rows_forward(hidden[r] @ weight.T, labels[r].clamp(0, V - 1), bias=bias,
+                                                  softcap=opts.softcap)
     return out, lse
 
 
+def _backward(saved: HeadTensors, grad: torch.Tensor, *, opts: LogProbOptions,
+              need: tuple[bool, bool, bool]) -> tuple:
+    """(dh, dW, db) by chunks of labelled tokens, each chunk's logits recomputed; None where
+    ``need`` (hidden, weight, bias) says no gradient is wanted."""
+    hidden, weight, bias, labels, rows, lse = (saved.hidden, saved.weight, saved.bias, saved.labels, saved.rows,
+                                               saved.lse)
+    V = weight.shape[0]
+    chunk = opts.chunk_rows(V, 4, hidden.device)
+    need_h, need_w, need_b = need
+    dh = torch.zeros_like(hidden) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+    for s in range(0, rows.numel(), chunk):
+        r = rows[s : s + chunk]
+        h = hidden[r]
+        dz = (h @ weight.T).float()
+        rows_grad_into(dz, dz, labels[r].clamp(0, V - 1), lse[s : s + chunk], grad[r], bias=bias,
+                       softcap=opts.softcap, db=db)
+        if need_h:
+            dh[r] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+        if need_w:
+            dw.addmm_(dz.T, h.float())
+    dw = dw.to(weight.dtype) if need_w else None
+    db = db.to(bias.dtype) if need_b else None
+    return dh, dw, db
+
+
 class _ChunkedLinearLogProb(torch.autograd.Function):
+    """apply(opts, *tensors): tensors are a HeadTensors' fields, so hidden, weight and bias
+    are apply's arguments 1 to 3 and autograd tracks them."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, opts: LogProbOptions):
-        out, lse = _forward(hidden, weight, bias, labels, rows, opts)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse)
+    def forward(ctx, opts: LogProbOptions, *tensors):
+        inputs = HeadTensors(*tensors)
+        out, lse = _forward(inputs, opts=opts)
+        ctx.save_for_backward(*inputs._replace(lse=lse))
         ctx.opts = opts
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, labels, rows, lse = ctx.saved_tensors
-        opts = ctx.opts
-        V = weight.shape[0]
-        chunk = opts.chunk_rows(V, 4, hidden.device)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = torch.zeros_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-        for s in range(0, rows.numel(), chunk):
-            r = rows[s : s + chunk]
-            h = hidden[r]
-            dz = (h @ weight.T).float()
-            rows_grad_into(dz, dz, labels[r].clamp(0, V - 1), lse[s : s + chunk], grad[r], bias, opts.softcap, db)
-            if need_h:
-                dh[r] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                dw.addmm_(dz.T, h.float())
-        dw = dw.to(weight.dtype) if need_w else None
-        db = db.to(bias.dtype) if need_b else None
-        return dh, dw, db, None, None, None
+        saved = HeadTensors(*ctx.saved_tensors)
+        dh, dw, db = _backward(saved, grad, opts=ctx.opts, need=tuple(ctx.needs_input_grad[1:4]))
+        return None, dh, dw, db, *(None,) * (len(saved) - 3)
 
 
-def linear_token_logps_torch(hidden, weight, bias, labels, valid, opts: LogProbOptions) -> torch.Tensor:
-    """(N,) fp32 log-probs of labelled tokens, 0 elsewhere; differentiable."""
+def linear_token_logps_torch(batch: TokenBatch, weight, bias, *, opts: LogProbOptions) -> torch.Tensor:
+    """(N,) fp32 log-probs of batch's labelled tokens, 0 elsewhere; differentiable."""
     # nonzero syncs with the host; on this path (CPU default) that costs nothing, and it
     # lets prompt and padding tokens skip the product entirely.
-    rows = valid.nonzero().squeeze(1)
-    if needs_autograd(hidden, weight, bias):
-        return _ChunkedLinearLogProb.apply(hidden, weight, bias, labels, rows, opts)
-    return _forward(hidden, weight, bias, labels, rows, opts)[0]
+    rows = batch.valid.nonzero().squeeze(1)
+    inputs = HeadTensors(batch.hidden, weight, bias, batch.labels, rows)
+    if needs_autograd(batch.hidden, weight, bias):
+        return _ChunkedLinearLogProb.apply(opts, *inputs)
+    return _forward(inputs, opts=opts)[0]

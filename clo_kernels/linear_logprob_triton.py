@@ -28,8 +28,12 @@ Backward, "atomic": one kernel over all (token block, vocabulary block) tiles; e
 recomputes its logit tile, forms dz, and adds dz @ W[tile] into dh and dz^T @ h[block] into
 dW with fp32 atomics (accumulating dW in bf16 across tiles loses precision). A tile whose
 softmax stays below ``filter_eps`` and that holds no label changes the gradients by at most
-filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does. Measured on an H200
-(benchmarks/NOTES.md) its atomics make it 7x slower than "staged" on a dense softmax.
+filter_eps * |g| per entry and is skipped, as Cut Cross-Entropy does. On a dense softmax its
+atomics make it several times slower than "staged" (H200 timings: benchmarks/NOTES.md).
+
+Launchers take the call's tensors as one ``HeadTensors`` (clo_kernels._inputs) and their
+options by keyword. Kernel parameters come in the groups pointers, sizes, strides, scalars,
+then flags / meta-parameters (constexpr), each group labelled.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._inputs import needs_autograd
+from ._inputs import HeadTensors, TokenBatch, needs_autograd
 from .one_pass import addmm_fp32
 from .options import LogProbOptions
 
@@ -53,10 +57,21 @@ def _tanh(x):
 
 
 @triton.jit
-def _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _logit_tile(
+    # pointers
+    H, W, B,
+    # the tile: token rows and vocabulary entries (int64), their masks
+    rows, row_mask, offs_v, v_mask,
+    # sizes
+    D,
+    # strides
+    stride_h, stride_w,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     """fp32 logits [BLOCK_M, BLOCK_V] of token rows x vocabulary entries offs_v (both int64)."""
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = H + rows[:, None] * stride_h + offs_k[None, :]
@@ -80,11 +95,19 @@ def _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, 
 
 
 @triton.jit
-def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
-                D, V, v_per_split, stride_h, stride_w, stride_part, softcap,
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _fwd_kernel(
+    # pointers: hidden, weight, bias, labels, row order, labelled count; outputs (splits, N) fp32
+    H, W, B, Y, ROWS, NVALID, LSE, TGT,
+    # sizes
+    D, V, v_per_split,
+    # strides
+    stride_h, stride_w, stride_part,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_valid = tl.load(NVALID)
@@ -101,7 +124,7 @@ def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
         for v0 in range(v_start, v_start + v_per_split, BLOCK_V):
             offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             v_mask = offs_v < V
-            z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+            z = _logit_tile(H, W, B, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
                             HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
             z = tl.where(v_mask[None, :], z, float("-inf"))
             tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
@@ -114,7 +137,12 @@ def _fwd_kernel(H, W, B, Y, ROWS, NVALID, LSE, TGT,
 
 
 @triton.jit
-def _grouped_tile(pid, num_m_blocks, V, GROUP_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _grouped_tile(
+    # the program id; sizes
+    pid, num_m_blocks, V,
+    # meta-parameters (constexpr)
+    GROUP_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
     """(token block, vocabulary block) of program pid in grouped order: GROUP_M token blocks
     sweep the vocabulary together, so each weight tile is read from HBM once per group and
     served from L2 to the rest."""
@@ -126,14 +154,26 @@ def _grouped_tile(pid, num_m_blocks, V, GROUP_M: tl.constexpr, BLOCK_V: tl.const
 
 
 @triton.jit
-def _dz_tile(H, W, B, Y, LSE, G, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
-             HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dz_tile(
+    # pointers: hidden, weight, bias, labels, lse (N,), per-token scales (N,)
+    H, W, B, Y, LSE, G,
+    # the tile: token rows and vocabulary entries (int64), their masks
+    rows, row_mask, offs_v, v_mask,
+    # sizes
+    D,
+    # strides
+    stride_h, stride_w,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     """dL/du for a tile (u: pre-softcap logits), its softmax, and whether it holds a label."""
     y = tl.load(Y + rows, mask=row_mask, other=-1)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
-    z = _logit_tile(H, W, B, rows, offs_v, row_mask, v_mask, D, stride_h, stride_w, softcap,
+    z = _logit_tile(H, W, B, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
                     HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
     tile_mask = row_mask[:, None] & v_mask[None, :]
     p = tl.where(tile_mask, tl.exp(z - lse[:, None]), 0.0)
@@ -145,11 +185,19 @@ def _dz_tile(H, W, B, Y, LSE, G, rows, row_mask, offs_v, v_mask, D, stride_h, st
 
 
 @triton.jit
-def _dz_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DZ,
-               row_start, n_rows, D, V, stride_h, stride_w, stride_dz, softcap,
-               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PREC: tl.constexpr, GROUP_M: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dz_kernel(
+    # pointers: hidden, weight, bias, labels, row order, labelled count, lse, scales; output (n_rows, V)
+    H, W, B, Y, ROWS, NVALID, LSE, G, DZ,
+    # sizes: the chunk (its start in the row order, its length), then the head's D and V
+    row_start, n_rows, D, V,
+    # strides
+    stride_h, stride_w, stride_dz,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     """Staged backward, step 1: dz for tokens [row_start, row_start + n_rows) of the labelled
     order into the chunk buffer DZ (n_rows, V); rows past n_valid get zeros."""
     pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), V, GROUP_M, BLOCK_V)
@@ -170,12 +218,20 @@ def _dz_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DZ,
 
 
 @triton.jit
-def _bwd_atomic_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
-                       D, V, num_m_blocks, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
-                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PREC: tl.constexpr, FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr,
-                       COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, GROUP_M: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bwd_atomic_kernel(
+    # pointers: hidden, weight, bias, labels, row order, labelled count, lse, scales; outputs fp32
+    H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
+    # sizes
+    D, V, num_m_blocks,
+    # strides
+    stride_h, stride_w, stride_dh, stride_dw,
+    # scalars
+    softcap, filter_eps,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    FILTER: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
     """Atomic backward: each tile adds dz @ W[tile] into dh and dz^T @ h[block] into dW."""
     pid_m, pid_v = _grouped_tile(tl.program_id(0), num_m_blocks, V, GROUP_M, BLOCK_V)
     n_valid = tl.load(NVALID)
@@ -222,12 +278,12 @@ def _bwd_atomic_kernel(H, W, B, Y, ROWS, NVALID, LSE, G, DH, DW, DB,
 
 INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
 
-# GPU launch defaults, measured on an H200 (Triton 3.6, bf16, N 16384, D 4096, V 128256;
-# benchmarks/results/): the forward ran in 52.8 ms with 128x128 tiles and 40.0 ms with 128x256,
-# so the forward and the staged backward's dz kernel (the same tile loop plus a store) use
-# 128x256. The atomic backward at 128x256 needs 272 KiB of shared memory (over the 227 KiB
-# limit) and stays at 128x128. fp32 operands: the atomic backward at 128x128x64 needs 208 KiB
-# (sm_90 compile), so fp32 takes a 32-wide K step and two stages everywhere.
+# GPU launch defaults, chosen on an H200 (Triton 3.6, bf16, N 16384, D 4096, V 128256; the
+# timings are in benchmarks/NOTES.md): the forward is faster with 128x256 tiles than with
+# 128x128, so the forward and the staged backward's dz kernel (the same tile loop plus a store)
+# use 128x256. The atomic backward at 128x256 needs more shared memory than the GPU has and
+# stays at 128x128. fp32 operands: the atomic backward at 128x128x64 comes close to the
+# shared-memory limit (sm_90 compile), so fp32 takes a 32-wide K step and two stages everywhere.
 _GPU = {
     "tile": dict(block_m=128, block_v=256, block_k=64, num_warps=8, num_stages=3),
     "atomic": dict(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3),
@@ -268,29 +324,33 @@ def check_device(t: torch.Tensor) -> None:
 
 
 def on_tensor_device(fn):
-    """Run ``fn`` with its first argument's CUDA device current: Triton launches on the current
-    device, so a tensor on cuda:1 while cuda:0 is current would be read through the wrong GPU."""
+    """Run ``fn`` with its first argument's CUDA device current (a HeadTensors: its hidden's):
+    Triton launches on the current device, so a tensor on cuda:1 while cuda:0 is current would
+    be read through the wrong GPU."""
 
     @functools.wraps(fn)
     def wrapped(first, *args, **kwargs):
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        t = first.hidden if isinstance(first, HeadTensors) else first
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
             return fn(first, *args, **kwargs)
 
     return wrapped
 
 
-def _kernel_flags(hidden: torch.Tensor, bias, opts: LogProbOptions) -> dict:
+def _kernel_flags(inputs: HeadTensors, opts: LogProbOptions) -> dict:
     return dict(
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=inputs.bias is not None,
         SOFTCAP=opts.softcap is not None,
-        UPCAST=INTERPRETED and hidden.dtype != torch.float32,
-        # fp32 inputs keep fp32 products (tf32 would miss the 1e-5 test tolerance by 30x).
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRETED and inputs.hidden.dtype != torch.float32,
+        # fp32 inputs keep fp32 products (tf32 would miss the 1e-5 test tolerance; benchmarks/NOTES.md).
+        DOT_PREC="ieee" if inputs.hidden.dtype == torch.float32 else "tf32",
     )
 
 
 @on_tensor_device
-def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
+def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse), each (N,) fp32, of the labelled tokens (garbage elsewhere)."""
+    hidden, weight = inputs.hidden, inputs.weight
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _config(opts, hidden.dtype)
@@ -311,10 +371,10 @@ def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
     lse_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
     tgt_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
     _fwd_kernel[(num_m, splits)](
-        hidden, weight, bias, labels, rows, n_valid, lse_part, tgt_part,
+        hidden, weight, inputs.bias, inputs.labels, inputs.rows, inputs.n_valid, lse_part, tgt_part,
         D, V, v_per_split, hidden.stride(0), weight.stride(0), lse_part.stride(0),
         float(opts.softcap or 0.0),
-        **_kernel_flags(hidden, bias, opts),
+        **_kernel_flags(inputs, opts),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -324,17 +384,21 @@ def _forward(hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
 
 
 @on_tensor_device
-def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+def _backward_staged(saved: HeadTensors, grad: torch.Tensor, *, opts: LogProbOptions,
+                     need: tuple[bool, bool, bool]) -> tuple:
     """dz for a chunk of labelled tokens into a [chunk, V] buffer of at most opts.chunk_bytes,
-    then dh[chunk] = dz @ W and dW += dz^T @ h[chunk] as cuBLAS products (fp32 dW)."""
+    then dh[chunk] = dz @ W and dW += dz^T @ h[chunk] as cuBLAS products (fp32 dW).
+    need: whether hidden, weight, bias want a gradient; returns (dh, dW, db), None where not."""
+    hidden, weight, bias, rows = saved.hidden, saved.weight, saved.bias, saved.rows
+    need_h, need_w, need_b = need
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _config(opts, hidden.dtype, "tile")
     bm, bv = cfg["block_m"], cfg["block_v"]
     chunk = max(bm, opts.chunk_rows(V, hidden.element_size(), hidden.device) // bm * bm)
     chunk = min(chunk, triton.cdiv(N, bm) * bm)
-    # The interpreter's fp32 -> bf16 store truncates (495 of 1024 random values differ from
-    # round-to-nearest-even, Triton 3.9); it stages fp32 and lets torch round, as a GPU store does.
+    # The interpreter's fp32 -> bf16 store truncates instead of rounding to nearest even (Triton 3.9;
+    # benchmarks/NOTES.md); it stages fp32 and lets torch round, as a GPU store does.
     dz = torch.empty((chunk, V), dtype=torch.float32 if INTERPRETED else hidden.dtype, device=hidden.device)
     g = grad.float().contiguous()
     dh = torch.zeros_like(hidden) if need_h else None
@@ -344,9 +408,9 @@ def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         _dz_kernel[(triton.cdiv(n, bm) * triton.cdiv(V, bv),)](
-            hidden, weight, bias, labels, rows, n_valid, lse, g, dz,
+            hidden, weight, bias, saved.labels, rows, saved.n_valid, saved.lse, g, dz,
             start, n, D, V, hidden.stride(0), weight.stride(0), dz.stride(0), float(opts.softcap or 0.0),
-            **_kernel_flags(hidden, bias, opts), GROUP_M=opts.group_m,
+            **_kernel_flags(saved, opts), GROUP_M=opts.group_m,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
@@ -361,8 +425,11 @@ def _backward_staged(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
 
 
 @on_tensor_device
-def _backward_atomic(grad, hidden, weight, bias, labels, rows, n_valid, lse, opts, need_h, need_w, need_b):
+def _backward_atomic(saved: HeadTensors, grad: torch.Tensor, *, opts: LogProbOptions,
+                     need: tuple[bool, bool, bool]) -> tuple:
     """One launch over all tiles, fp32 atomics into dh and dW, negligible tiles skipped."""
+    hidden, weight, bias, lse = saved.hidden, saved.weight, saved.bias, saved.lse
+    need_h, need_w, need_b = need
     N, D = hidden.shape
     V = weight.shape[0]
     cfg = _config(opts, hidden.dtype, "atomic")
@@ -374,11 +441,11 @@ def _backward_atomic(grad, hidden, weight, bias, labels, rows, n_valid, lse, opt
     db = torch.zeros((V,), dtype=torch.float32, device=hidden.device) if need_b else None
     dummy = lse  # any fp32 tensor for the unused pointers
     _bwd_atomic_kernel[(num_m * triton.cdiv(V, bv),)](
-        hidden, weight, bias, labels, rows, n_valid, lse, grad.float().contiguous(),
+        hidden, weight, bias, saved.labels, saved.rows, saved.n_valid, lse, grad.float().contiguous(),
         dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
         D, V, num_m, hidden.stride(0), weight.stride(0), D, D,
         float(opts.softcap or 0.0), float(filter_eps or 0.0),
-        **_kernel_flags(hidden, bias, opts),
+        **_kernel_flags(saved, opts),
         FILTER=filter_eps is not None, COMPUTE_DH=need_h, COMPUTE_DW=need_w, COMPUTE_DB=need_b,
         GROUP_M=opts.group_m, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -396,24 +463,27 @@ _BACKWARDS = {"one_pass": _backward_staged, "staged": _backward_staged, "atomic"
 
 
 class _TritonLinearLogProb(torch.autograd.Function):
+    """apply(opts, *tensors): tensors are a HeadTensors' fields, so hidden, weight and bias
+    are apply's arguments 1 to 3 and autograd tracks them."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, n_valid, opts: LogProbOptions):
-        logp, lse = _forward(hidden, weight, bias, labels, rows, n_valid, opts)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse)
+    def forward(ctx, opts: LogProbOptions, *tensors):
+        inputs = HeadTensors(*tensors)
+        logp, lse = _forward(inputs, opts=opts)
+        ctx.save_for_backward(*inputs._replace(lse=lse))
         ctx.opts = opts
         return logp
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = _BACKWARDS[ctx.opts.backward](grad, hidden, weight, bias, labels, rows, n_valid, lse,
-                                                   ctx.opts, need_h, need_w, need_b)
-        return dh, dw, db, None, None, None, None
+        saved = HeadTensors(*ctx.saved_tensors)
+        dh, dw, db = _BACKWARDS[ctx.opts.backward](saved, grad, opts=ctx.opts, need=tuple(ctx.needs_input_grad[1:4]))
+        return None, dh, dw, db, *(None,) * (len(saved) - 3)
 
 
-def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProbOptions) -> torch.Tensor:
-    """(N,) fp32 log-probs of labelled tokens (garbage elsewhere: the caller masks); differentiable."""
+def linear_token_logps_triton(batch: TokenBatch, weight, bias, *, opts: LogProbOptions) -> torch.Tensor:
+    """(N,) fp32 log-probs of batch's labelled tokens (garbage elsewhere: the caller masks); differentiable."""
+    hidden, valid = batch.hidden, batch.valid
     check_device(hidden)
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     # The kernels read bias as a dense (V,) array (a strided view would be misread).
@@ -421,6 +491,7 @@ def linear_token_logps_triton(hidden, weight, bias, labels, valid, opts: LogProb
     # Labelled tokens first, in their original order; the count stays on the device.
     rows = torch.argsort((~valid).to(torch.uint8), stable=True)
     n_valid = valid.sum(dtype=torch.int32).reshape(1)
+    inputs = HeadTensors(hidden, weight, bias, batch.labels, rows, n_valid)
     if needs_autograd(hidden, weight, bias):
-        return _TritonLinearLogProb.apply(hidden, weight, bias, labels, rows, n_valid, opts)
-    return _forward(hidden, weight, bias, labels, rows, n_valid, opts)[0]
+        return _TritonLinearLogProb.apply(opts, *inputs)
+    return _forward(inputs, opts=opts)[0]

@@ -10,7 +10,9 @@ in any float dtype, bias (V,) optional:
 
 rows_grad_into writes dz in the rows' dtype, into a new tensor or over the logits themselves
 (each element is read, then written, by the same program). The signatures are those of the
-PyTorch row operations in linear_logprob_torch.py, so callers swap one for the other.
+PyTorch row operations in linear_logprob_torch.py, so callers swap one for the other: the
+row tensors positional, bias, softcap and db by keyword. Kernel parameters come in the groups
+pointers, sizes, strides, scalars, then flags / meta-parameters (constexpr), each labelled.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from .linear_logprob_triton import INTERPRETED, _tanh, check_device, on_tensor_d
 
 
 @triton.jit
-def _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+def _capped(
+    # pointers: logits, bias
+    L, B,
+    # the tile: rows and vocabulary entries (int64), their masks
+    rows, row_mask, offs_v, v_mask,
+    # strides
+    stride,
+    # scalars
+    softcap,
+    # flags (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+):
     z = tl.load(L + rows[:, None] * stride + offs_v[None, :], mask=row_mask[:, None] & v_mask[None, :],
                 other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -34,10 +47,18 @@ def _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS: tl.
 
 
 @triton.jit
-def _fwd_kernel(L, B, Y, LOGP, LSE,  # pointers: logits, bias, labels; outputs (N,) fp32
-                N, V, stride, softcap,  # sizes, row stride, softcap value
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,  # flags
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _fwd_kernel(
+    # pointers: logits, bias, labels; outputs (N,) fp32
+    L, B, Y, LOGP, LSE,
+    # sizes
+    N, V,
+    # strides
+    stride,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
@@ -47,7 +68,7 @@ def _fwd_kernel(L, B, Y, LOGP, LSE,  # pointers: logits, bias, labels; outputs (
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
-        z = _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
+        z = _capped(L, B, rows, row_mask, offs_v, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -59,10 +80,19 @@ def _fwd_kernel(L, B, Y, LOGP, LSE,  # pointers: logits, bias, labels; outputs (
 
 
 @triton.jit
-def _bwd_kernel(L, B, Y, LSE, G, DL, DB,  # pointers: logits, bias, labels, lse, scales; outputs dz (may be L), db
-                N, V, stride, stride_dl, softcap,  # sizes, row strides, softcap value
-                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,  # flags
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bwd_kernel(
+    # pointers: logits, bias, labels, lse, scales; outputs dz (may be L), db
+    L, B, Y, LSE, G, DL, DB,
+    # sizes
+    N, V,
+    # strides
+    stride, stride_dl,
+    # scalars
+    softcap,
+    # flags / meta-parameters (constexpr)
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
@@ -71,7 +101,7 @@ def _bwd_kernel(L, B, Y, LSE, G, DL, DB,  # pointers: logits, bias, labels, lse,
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
-        z = _capped(L, B, rows, offs_v, row_mask, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
+        z = _capped(L, B, rows, row_mask, offs_v, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
         dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
         if SOFTCAP:
             dz = dz * (1.0 - (z / softcap) * (z / softcap))
@@ -89,26 +119,30 @@ def _launch_cfg():
 
 
 @on_tensor_device
-def rows_forward(z, labels, bias, softcap):
+def rows_forward(z, labels, *, bias, softcap):
     """(logp, lse), each (n,) fp32, of logit rows z (n, V) plus bias."""
     check_device(z)
     n, V = z.shape
     bm, bv, warps = _launch_cfg()
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
-    _fwd_kernel[(triton.cdiv(n, bm),)](z, z if bias is None else bias, labels, logp, lse, n, V, z.stride(0),
-                                       float(softcap or 0.0), HAS_BIAS=bias is not None,
-                                       SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+    _fwd_kernel[(triton.cdiv(n, bm),)](
+        z, z if bias is None else bias, labels, logp, lse,
+        n, V, z.stride(0), float(softcap or 0.0),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
+    )
     return logp, lse
 
 
 @on_tensor_device
-def rows_grad_into(dl, z, labels, lse, g, bias, softcap, db=None) -> None:
+def rows_grad_into(dl, z, labels, lse, g, *, bias, softcap, db=None) -> None:
     """dl (n, V) = dL/dz for per-row scales g (n,); dl may be z itself. db ((V,) fp32), if
     given, gets the column sums of dz added before dz is rounded to dl's dtype."""
     n, V = z.shape
     bm, bv, warps = _launch_cfg()
-    _bwd_kernel[(triton.cdiv(n, bm),)](z, z if bias is None else bias, labels, lse, g.float().contiguous(), dl,
-                                       lse if db is None else db, n, V, z.stride(0), dl.stride(0),
-                                       float(softcap or 0.0), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-                                       COMPUTE_DB=db is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps)
+    _bwd_kernel[(triton.cdiv(n, bm),)](
+        z, z if bias is None else bias, labels, lse, g.float().contiguous(), dl, lse if db is None else db,
+        n, V, z.stride(0), dl.stride(0), float(softcap or 0.0),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, COMPUTE_DB=db is not None,
+        BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
+    )

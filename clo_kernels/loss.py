@@ -7,35 +7,35 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import _inputs as I
+from . import _inputs
 from .objective import CLOOutput, clo_objective, sequence_sums
 from .options import LogProbOptions
 
 
-def token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
+def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str) -> torch.Tensor:
     """(N,) fp32 log-probs of batch's tokens: 0 where ignored, NaN where a label is out of range."""
-    if impl != "reference" and opts.backward == "one_pass" and not I.needs_autograd(batch.hidden, weight, bias):
+    if impl != "reference" and opts.backward == "one_pass" and not _inputs.needs_autograd(batch.hidden, weight, bias):
         # No gradient (the reference pass, evaluation): the one-pass loop's forward, products at
         # matmul rate into a reused buffer.
         from .one_pass import forward_token_logps
 
-        return mask_token_logps(forward_token_logps(batch, weight, bias, opts, impl), batch)
+        return mask_token_logps(forward_token_logps(batch, weight, bias, opts=opts, impl=impl), batch)
     if impl == "reference":
         from .reference import reference_token_logps
 
-        out = reference_token_logps(batch.hidden, weight, bias, batch.labels, batch.valid, opts.softcap)
+        out = reference_token_logps(batch, weight, bias, softcap=opts.softcap)
     elif impl == "torch":
         from .linear_logprob_torch import linear_token_logps_torch
 
-        out = linear_token_logps_torch(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
+        out = linear_token_logps_torch(batch, weight, bias, opts=opts)
     else:
         from .one_pass import triton_module
 
-        out = triton_module().linear_token_logps_triton(batch.hidden, weight, bias, batch.labels, batch.valid, opts)
+        out = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
     return mask_token_logps(out, batch)
 
 
-def mask_token_logps(out: torch.Tensor, batch: I.TokenBatch) -> torch.Tensor:
+def mask_token_logps(out: torch.Tensor, batch: _inputs.TokenBatch) -> torch.Tensor:
     """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range tokens."""
     out = torch.where(batch.valid, out, 0.0)
     if batch.bad_token is not None:
@@ -51,20 +51,20 @@ def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: floa
 
 def prepare_clo_batch(hidden, labels, *, vocab_size, chosen, rejected, nll_mask, ref_logps, seq_ids, num_seqs,
                       beta, nll_weight, softcap, shift, ignore_index, num_pairs, num_nll_tokens, impl,
-                      validate) -> I.TokenBatch:
+                      validate) -> _inputs.TokenBatch:
     """Every check of a CLO loss call (hidden may be logits, D = V), then the token layout."""
-    I.check_impl(impl)
-    I.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
-    I.check_denominator("num_pairs", num_pairs)
-    I.check_denominator("num_nll_tokens", num_nll_tokens)
+    _inputs.check_impl(impl)
+    _inputs.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
+    _inputs.check_denominator("num_pairs", num_pairs)
+    _inputs.check_denominator("num_nll_tokens", num_nll_tokens)
     if num_seqs is None:
-        num_seqs = I.infer_num_seqs(hidden, nll_mask, ref_logps)
-    batch = I.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
+        num_seqs = _inputs.infer_num_seqs(hidden, nll_mask, ref_logps)
+    batch = _inputs.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
                             shift=shift, ignore_index=ignore_index, validate=validate)
     device = hidden.device
-    I.check_pairs(chosen, rejected, num_seqs=batch.num_seqs, device=device, validate=validate)
-    I.check_seq_tensor("nll_mask", nll_mask, num_seqs=batch.num_seqs, device=device, kind="bool")
-    I.check_seq_tensor("ref_logps", ref_logps, num_seqs=batch.num_seqs, device=device, kind="float")
+    _inputs.check_pairs(chosen, rejected, num_seqs=batch.num_seqs, device=device, validate=validate)
+    _inputs.check_seq_tensor("nll_mask", nll_mask, num_seqs=batch.num_seqs, device=device, kind="bool")
+    _inputs.check_seq_tensor("ref_logps", ref_logps, num_seqs=batch.num_seqs, device=device, kind="float")
     return batch
 
 
@@ -98,13 +98,13 @@ def sequence_logps(
         (S,) fp32 ``logp[s] = sum_t log_softmax(softcap(h_t W^T + b))[y_t]``, differentiable
         w.r.t. hidden, weight and bias. Under ``torch.no_grad()`` nothing is kept for a backward.
     """
-    I.check_impl(impl)
-    I.check_softcap(softcap)
-    I.check_head(hidden, weight, bias, impl=impl)
-    batch = I.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
+    _inputs.check_impl(impl)
+    _inputs.check_softcap(softcap)
+    _inputs.check_head(hidden, weight, bias, impl=impl)
+    batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                             shift=shift, ignore_index=ignore_index, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
-    tok = token_logps(batch, weight, bias, opts, I.resolve_impl(impl, hidden.device))
+    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
     return sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs, average=average)[0]
 
 
@@ -159,24 +159,24 @@ def fused_linear_clo_loss(
 
     Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
     """
-    I.check_head(hidden, weight, bias, impl=impl)
+    _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = prepare_clo_batch(hidden, labels, vocab_size=weight.shape[0], chosen=chosen, rejected=rejected,
                               nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
                               beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
                               ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
                               impl=impl, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
-    impl = I.resolve_impl(impl, hidden.device)
+    impl = _inputs.resolve_impl(impl, hidden.device)
     objective = dict(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
                      nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
                      num_nll_tokens=num_nll_tokens)
     if impl != "reference" and opts.backward == "one_pass":
         from .one_pass import clo_loss
 
-        out = clo_loss(batch, weight, bias, opts, impl, **objective)
+        out = clo_loss(batch, weight, bias, opts=opts, impl=impl, **objective)
         if out is not None:
             return out
-    return clo_objective(token_logps(batch, weight, bias, opts, impl), batch, **objective)
+    return clo_objective(token_logps(batch, weight, bias, opts=opts, impl=impl), batch, **objective)
 
 
 class FusedLinearCLOLoss(nn.Module):
@@ -190,8 +190,8 @@ class FusedLinearCLOLoss(nn.Module):
                  shift: bool = False, ignore_index: int = -100, average_logps: bool = False,
                  impl: str = "auto", validate: bool = True, options: LogProbOptions | None = None):
         super().__init__()
-        I.check_impl(impl)
-        I.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
+        _inputs.check_impl(impl)
+        _inputs.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
         self.beta, self.nll_weight, self.softcap = beta, nll_weight, softcap
         self.shift, self.ignore_index, self.average_logps = shift, ignore_index, average_logps
         self.impl, self.validate, self.options = impl, validate, options

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ._inputs import TokenBatch
 
@@ -105,7 +104,7 @@ def clo_objective(
     margins = chosen_rewards - rejected_rewards
     p_den, n_tok = denominators(counts, chosen=chosen, nll_mask=nll_mask, num_pairs=num_pairs,
                                 num_nll_tokens=num_nll_tokens)
-    loss_cl = F.softplus(-margins).sum() / p_den
+    loss_cl = torch.nn.functional.softplus(-margins).sum() / p_den
 
     if nll_mask is not None:
         # where, not multiply: a NaN in a sequence outside the NLL term stays out of it.

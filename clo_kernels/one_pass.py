@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _inputs as I
+from ._inputs import TokenBatch, needs_autograd
 from .objective import CLOOutput, clo_objective, denominators, sequence_grad
 from .options import LogProbOptions
 
@@ -54,7 +54,9 @@ def triton_module(name: str = "linear_logprob_triton"):
 
 
 def row_ops(impl: str):
-    """(rows_forward, rows_grad_into) of impl "torch" or "triton": same signatures, swappable."""
+    """(rows_forward, rows_grad_into) of impl "torch" or "triton": same signatures, swappable
+    (``rows_forward(z, labels, *, bias, softcap)``, ``rows_grad_into(dl, z, labels, lse, g, *, bias,
+    softcap, db=None)``)."""
     if impl == "torch":
         from .linear_logprob_torch import rows_forward, rows_grad_into
 
@@ -84,7 +86,7 @@ class Plan:
     bounds: tuple[tuple[int, int], ...]  # [start, end) of each chunk in ``order``
 
 
-def _token_order(batch: I.TokenBatch, chunk_of_seq: list[int], n_valid: int) -> torch.Tensor:
+def _token_order(batch: TokenBatch, chunk_of_seq: list[int], n_valid: int) -> torch.Tensor:
     """Labelled tokens sorted by (chunk of their sequence, position): one device sort."""
     N = batch.labels.numel()
     dev = batch.labels.device
@@ -94,7 +96,7 @@ def _token_order(batch: I.TokenBatch, chunk_of_seq: list[int], n_valid: int) -> 
     return torch.argsort(key)[:n_valid]
 
 
-def plan_chunks(batch: I.TokenBatch, chosen: torch.Tensor | None, rejected: torch.Tensor | None,
+def plan_chunks(batch: TokenBatch, chosen: torch.Tensor | None, rejected: torch.Tensor | None, *,
                 max_rows: int) -> Plan | str:
     """Chunks of whole groups of paired sequences with at most ``max_rows`` labelled tokens each,
     or why there are none. Without pairs (a forward without gradients) every sequence is a group
@@ -166,11 +168,11 @@ def addmm_fp32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> to
     return a @ b if acc is None else acc.addmm_(a, b)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
     """One call's inputs; ``run`` fills ``output`` (a CLOOutput) and returns (dh, dW, db)."""
 
-    batch: I.TokenBatch
+    batch: TokenBatch
     weight: torch.Tensor
     bias: torch.Tensor | None
     opts: LogProbOptions
@@ -217,9 +219,9 @@ class _Loop:
                 z.copy_(h @ weight.T)
             y, s = labels[rows], seq[rows]
             if in_place:
-                logp, lse, inv = rows_softmax_(z, y, bias)
+                logp, lse, inv = rows_softmax_(z, y, bias=bias)
             else:
-                logp, lse = fwd(z, y, bias, opts.softcap)
+                logp, lse = fwd(z, y, bias=bias, softcap=opts.softcap)
             if batch.bad_token is not None:
                 logp = torch.where(batch.bad_token[rows], float("nan"), logp)
             tok[rows] = logp
@@ -229,9 +231,9 @@ class _Loop:
             g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
                               **scale_args)[s]
             if in_place:  # z := dL/dz (db += its column sums)
-                rows_grad_from_softmax_(z, y, g, inv, db)
+                rows_grad_from_softmax_(z, y, g, inv, db=db)
             else:
-                grad_into(z, z, y, lse, g, bias, opts.softcap, db)
+                grad_into(z, z, y, lse, g, bias=bias, softcap=opts.softcap, db=db)
             dz = z.to(hidden.dtype)
             if need_h:
                 dh.index_copy_(0, rows, dz @ weight)
@@ -262,22 +264,24 @@ class _OnePassCLO(torch.autograd.Function):
         return (*(None if g is None else g * grad_output for g in ctx.grads), None)
 
 
-def clo_loss(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str, **objective) -> CLOOutput | None:
+def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str,
+             **objective) -> CLOOutput | None:
     """The CLO loss of ``batch`` in one pass, or None where the layout needs the two-pass path
     (said once per reason). ``objective``: clo_objective's keywords."""
     hidden = batch.hidden
-    need = tuple(I.needs_autograd(t) for t in (hidden, weight, bias))
+    need = tuple(needs_autograd(t) for t in (hidden, weight, bias))
     ref = objective.get("ref_logps")
-    if ref is not None and I.needs_autograd(ref):
+    if ref is not None and needs_autograd(ref):
         fall_back("ref grad", "ref_logps requires a gradient")
         return None
     max_rows = _max_rows(opts, impl, hidden, weight.shape[0])
-    plan = plan_chunks(batch, objective["chosen"], objective["rejected"], max_rows) if any(need) else \
-        plan_chunks(batch, None, None, max_rows)
+    plan = plan_chunks(batch, objective["chosen"], objective["rejected"], max_rows=max_rows) if any(need) else \
+        plan_chunks(batch, None, None, max_rows=max_rows)
     if isinstance(plan, str):
         fall_back("group size", plan)
         return None
-    loop = _Loop(batch, weight, bias, opts, impl, plan, objective, need)
+    loop = _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=objective,
+                 need=need)
     if not any(need):
         loop.run()
         return loop.output
@@ -286,7 +290,8 @@ def clo_loss(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str,
     return CLOOutput(loss=loss, logps=out.logps, metrics=out.metrics)
 
 
-def forward_token_logps(batch: I.TokenBatch, weight, bias, opts: LogProbOptions, impl: str) -> torch.Tensor:
+def forward_token_logps(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str) -> torch.Tensor:
     """(N,) fp32 token log-probs without gradients (0 at unlabelled tokens, before masking)."""
-    plan = plan_chunks(batch, None, None, _max_rows(opts, impl, batch.hidden, weight.shape[0]))
-    return _Loop(batch, weight, bias, opts, impl, plan, {}, (False, False, False)).token_logps()[0]
+    plan = plan_chunks(batch, None, None, max_rows=_max_rows(opts, impl, batch.hidden, weight.shape[0]))
+    return _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective={},
+                 need=(False, False, False)).token_logps()[0]

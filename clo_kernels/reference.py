@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_logits_token_logps(logits, labels, valid, softcap) -> torch.Tensor:
+def reference_logits_token_logps(logits, labels, valid, *, softcap) -> torch.Tensor:
     """(N,) log-probs from (N, V) pre-softcap logits; 0 where valid is False."""
     z = logits.float()
     if softcap is not None:
@@ -19,9 +19,9 @@ def reference_logits_token_logps(logits, labels, valid, softcap) -> torch.Tensor
     return torch.where(valid, logp, 0.0)
 
 
-def reference_token_logps(hidden, weight, bias, labels, valid, softcap) -> torch.Tensor:
-    """(N,) log-probs of hidden (N, D) through the head weight (V, D) and bias (V,)."""
-    z = (hidden @ weight.T).float()
+def reference_token_logps(batch, weight, bias, *, softcap) -> torch.Tensor:
+    """(N,) log-probs of batch.hidden (N, D) (a TokenBatch) through the head weight (V, D) and bias (V,)."""
+    z = (batch.hidden @ weight.T).float()
     if bias is not None:
         z = z + bias.float()
-    return reference_logits_token_logps(z, labels, valid, softcap)
+    return reference_logits_token_logps(z, batch.labels, batch.valid, softcap=softcap)
