@@ -22,12 +22,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from bench_common import git_commit, percentiles  # a sibling file: benchmarks/ is this script's folder
 
 import clo_kernels as ck
 
@@ -37,8 +36,9 @@ def make_inputs(S, T, D, V, *, dtype, logit_std, device, seed=0):
     sampled from the model's own softmax (as on the data a model was trained on).
 
     With V Gaussian logits of std s the softmax entropy is about ln V - s^2 / 2 for
-    s^2 < 2 ln V; s = 4.3 aims at the 2.6 nats per token of SmolLM2-135M on English prose.
-    (The benchmark issue replaces this with a recipe matched on more statistics.)"""
+    s^2 < 2 ln V; s = 4.3 aimed at the 2.6 nats per token of SmolLM2-135M on English prose, and
+    missed (what it gives: NOTES.md, "Inputs"). bench_loss.py has a recipe matched on more statistics
+    (INPUTS.md)."""
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(S * T, D, device=device, generator=g, dtype=torch.float32).to(dtype)
     weight = (torch.randn(V, D, device=device, generator=g) * (logit_std / D**0.5)).to(dtype)
@@ -77,8 +77,7 @@ def time_ms(fn, reps, cuda: bool):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "reps": reps}
+    return {**percentiles(times), "reps": reps}
 
 
 def peak_extra_bytes(fn, cuda: bool):
@@ -100,16 +99,6 @@ def matmul_tflops(device, n=8192, reps=10):
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     t = time_ms(lambda: a @ b, reps, cuda)["median_ms"]
     return 2 * n**3 / (t * 1e-3) / 1e12
-
-
-def git_commit():
-    env = os.environ.get("CLO_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main():

@@ -19,20 +19,15 @@ Writes bench_train.json (+ .md table, + .png) into --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench_common import RESULTS, machine_meta, peak_rss_mib, run_child, tokens_and_memory_bars, write_report
 
 ARCHS = {  # LlamaConfig fields; vocabularies and widths of the real models
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -107,7 +102,7 @@ def run_steps(*, arch, device, loss_impl, quads, seq_len, steps, grad_checkpoint
     if device == "cuda":
         res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mib"] = peak_rss_mib()
     return res
 
 
@@ -116,12 +111,12 @@ def in_subprocess(args: argparse.Namespace, impl: str, quads: int) -> dict:
            "--seq-len", str(args.seq_len), "--quads", str(quads), "--steps", str(args.steps)]
     if args.grad_checkpointing:
         cmd.append("--grad-checkpointing")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    result, proc = run_child(cmd)
+    if result is None:
         tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
         return {"loss_impl": impl, "quads": quads, "error": tail[0][:300],
                 "oom": "out of memory" in proc.stderr.lower()}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def max_batch(args, impl: str) -> int:
@@ -149,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default="reference,torch,triton")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--find-max-batch", action="store_true", help="(CUDA) search the largest micro-batch per impl")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train"))
+    p.add_argument("--out", default=str(RESULTS / "bench_train"))
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:  # one measurement in this fresh process
@@ -169,17 +164,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row))
     meta = {"arch": args.arch, "device": args.device, "seq_len": args.seq_len, "quads": args.quads,
-            "steps": args.steps, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "commit": os.environ.get("CLO_COMMIT") or _git_commit(), "date": time.strftime("%Y-%m-%d"),
-            "loadavg": os.getloadavg()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = markdown(rows, meta)
-    (out / "bench_train.md").write_text(table)
-    print(table)
-    plot(rows, meta, out / "bench_train.png")
+            "steps": args.steps, "torch": torch.__version__, **machine_meta(args.device)}
+    write_report(Path(args.out), "bench_train", data={"meta": meta, "rows": rows},
+                 markdown=lambda: markdown(rows, meta), plot=lambda path: plot(rows, meta, path))
     return 0
 
 
@@ -199,33 +186,13 @@ def markdown(rows, meta) -> str:
 
 
 def plot(rows, meta, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     ok = [r for r in rows if "error" not in r]
-    if not ok:
+    if not ok or importlib.util.find_spec("matplotlib") is None:  # the plot is optional here: no PNG
         return
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    names = [r["loss_impl"] for r in ok]
-    axes[0].bar(names, [r["tokens_per_s"] for r in ok])
-    axes[0].set_title("tokens/s (higher is better)")
-    axes[1].bar(names, [r.get("peak_mib", r.get("peak_rss_mib")) for r in ok], color="tab:orange")
-    axes[1].set_title("peak memory MiB")
-    fig.suptitle(f"one CLO training step, {meta['arch']} on {meta['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
+    tokens_and_memory_bars(path, names=[r["loss_impl"] for r in ok], tokens_per_s=[r["tokens_per_s"] for r in ok],
+                           memory_mib=[r.get("peak_mib", r.get("peak_rss_mib")) for r in ok],
+                           memory_title="peak memory MiB",
+                           title=f"one CLO training step, {meta['arch']} on {meta['device']}")
 
 
 if __name__ == "__main__":

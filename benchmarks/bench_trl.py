@@ -20,23 +20,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# The siblings (bench_train's models, bench_common) by file name, however this file is started.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_train import ARCHS, _git_commit, build  # noqa: E402
+import torch  # noqa: E402
+from bench_common import (  # noqa: E402
+    RESULTS,
+    dist_versions,
+    machine_meta,
+    peak_rss_mib,
+    proc_status_kib,
+    run_child,
+    tokens_and_memory_bars,
+    write_report,
+)
+from bench_train import ARCHS, build  # noqa: E402
 
 TRAINERS = ("trl", "fused")
 
@@ -95,7 +99,7 @@ def run(trainer_name: str, args) -> dict:
     clock = Clock()
     trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
                   processing_class=tok, callbacks=[clock])
-    rss0 = _rss_now_mib()
+    rss0 = proc_status_kib("VmRSS") / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -109,24 +113,19 @@ def run(trainer_name: str, args) -> dict:
     if args.device == "cuda":
         res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mib()
         res.update(peak_rss_mib=peak, train_rss_growth_mib=peak - rss0)
     return res
-
-
-def _rss_now_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
 
 
 def in_subprocess(trainer_name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
            "--out", args.out] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    result, proc = run_child(cmd)
+    if result is None:
         return {"trainer": trainer_name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -168,23 +167,13 @@ def markdown(rows, meta) -> str:
 
 
 def plot(rows, meta, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if "error" not in r]
-    names = ["trl.DPOTrainer" if r["trainer"] == "trl" else "FusedDPOTrainer" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    axes[0].bar(names, [r["tokens_per_s"] for r in ok])
-    axes[0].set_title("tokens/s (higher is better)")
-    mem_key = "train_rss_growth_mib" if meta["device"] == "cpu" else "peak_mib"
-    axes[1].bar(names, [r[mem_key] for r in ok], color="tab:orange")
-    axes[1].set_title("memory growth in training, MiB" if meta["device"] == "cpu" else "peak MiB")
-    fig.suptitle(f"one TRL DPO step, {meta['arch']} on {meta['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    cpu = meta["device"] == "cpu"
+    tokens_and_memory_bars(path, names=["trl.DPOTrainer" if r["trainer"] == "trl" else "FusedDPOTrainer" for r in ok],
+                           tokens_per_s=[r["tokens_per_s"] for r in ok],
+                           memory_mib=[r["train_rss_growth_mib" if cpu else "peak_mib"] for r in ok],
+                           memory_title="memory growth in training, MiB" if cpu else "peak MiB",
+                           title=f"one TRL DPO step, {meta['arch']} on {meta['device']}")
 
 
 def main(argv=None) -> int:
@@ -196,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run after one warm-up")
     p.add_argument("--rounds", type=int, default=2, help="runs per trainer, alternating")
     p.add_argument("--tokenizer", help="a folder of SmolLM2's tokenizer files (default: read from its GGUF)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_trl"))
+    p.add_argument("--out", default=str(RESULTS / "bench_trl"))
     p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
@@ -209,25 +198,11 @@ def main(argv=None) -> int:
             print(json.dumps(runs[-1]), flush=True)
     rows = summarise(runs)
     meta = {**{k: getattr(args, k) for k in ("arch", "device", "pairs", "max_length", "steps", "rounds")},
-            "torch": torch.__version__, "trl": _version("trl"), "transformers": _version("transformers"),
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "commit": os.environ.get("CLO_COMMIT") or _git_commit(), "date": time.strftime("%Y-%m-%d"),
-            "loadavg": os.getloadavg(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_trl.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=2))
-    table = markdown(rows, meta)
-    (out / "bench_trl.md").write_text(table)
-    print(table)
-    plot(rows, meta, out / "bench_trl.png")
+            "torch": torch.__version__, **dist_versions("trl", "transformers"), **machine_meta(args.device),
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    write_report(Path(args.out), "bench_trl", data={"meta": meta, "rows": rows, "runs": runs},
+                 markdown=lambda: markdown(rows, meta), plot=lambda path: plot(rows, meta, path))
     return 0
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist)
 
 
 if __name__ == "__main__":
