@@ -12,112 +12,22 @@ import json
 import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 
+from . import options
 from .errors import UserError
 
-CHOICES = {
-    "method": ("clo", "sft", "dpo"), "trainable": ("attention", "lora", "all"), "ref": ("precompute", "online"),
-    "loss_impl": ("auto", "triton", "torch", "reference"), "layout": ("packed", "padded"),
-    "on_bad_row": ("skip", "error"), "device": ("auto", "cpu", "cuda"), "grad_checkpointing": ("auto", "on", "off"),
-    "optimizer": ("adamw", "sgd"),
-}
-TRAIN_HELP = {
-    "model": "hub name, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
-    "data": "pre-translated quads, JSONL/Parquet with prompt_en, response_en, prompt_tgt, response_tgt "
-            "(default: the bundled English/German demo set, train split)",
-    "target_lang": "target language, ISO 639-1 code",
-    "method": "clo (NLL on target responses + DPO over both pair kinds), sft (NLL on both chosen "
-              "responses, the paper's baseline) or dpo (pairs only)",
-    "trainable": "attention: q/k/v/o projections as full parameters (the paper); lora: LoRA on them; all",
-    "merge_lora": "merge the LoRA adapters into the final model",
-    "ref": "precompute: reference log-probs once, cached on disk; online: LoRA with adapters disabled",
-    "loss_impl": "fused loss path: auto (triton on CUDA, torch on CPU), triton, torch or reference (naive)",
-    "beta": "DPO temperature",
-    "nll_weight": "lambda: weight of the target-language NLL; the pair term gets 1 - lambda",
-    "average_logps": "use mean instead of summed token log-probs per sequence",
-    "max_length": "tokens per sequence; longer responses are cut, prompts that do not fit are bad rows",
-    "max_quads": "use only the first N quads",
-    "layout": "packed (padding-free, seq_ids) or padded batches",
-    "on_bad_row": "skip (drop, count and log bad rows) or error (stop at the first, naming it)",
-    "max_steps": "optimizer steps",
-    "batch_quads": "quads per micro-batch (4 sequences each)",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "optimizer": "adamw, or sgd (momentum 0.9; its update is linear in the gradient)",
-    "attention_modules": "comma-separated module-name suffixes of the attention projections, e.g. "
-                         "'self_attn.q_proj,self_attn.o_proj' (default: known per architecture)",
-    "overwrite": "replace the run already in --output-dir (its metrics, checkpoints, final model; the reference "
-                 "cache is kept)",
-    "warmup_steps": "linear warmup steps before the cosine decay",
-    "min_lr_ratio": "final learning rate as a fraction of --lr",
-    "max_grad_norm": "gradient clipping norm",
-    "device": "auto, cpu or cuda",
-    "dist_timeout_min": "minutes a collective may wait (other ranks wait while rank 0 writes a checkpoint)",
-    "fsdp": "shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; launch with torchrun "
-            "for several processes",
-    "grad_checkpointing": "auto (on for CUDA), on or off",
-    "output_dir": "metrics.jsonl, metrics.png, checkpoints/ and final/ go here",
-    "cache_dir": "reference log-prob cache (default: <output-dir>/cache)",
-    "save_every": "checkpoint every N steps (0: only at the end)",
-    "resume": "continue from the latest checkpoint in --output-dir",
-    "tensorboard": "also log to <output-dir>/tensorboard (needs the tensorboard package)",
-    "progress": "show progress bars",
-    "save_final": "save the final model to <output-dir>/final",
-}
 
-
-def _field_type(f: dataclasses.Field):
-    """The scalar type of an Optional/plain dataclass field (annotations are strings here)."""
-    hint = typing.get_type_hints(_TRAIN_CONFIG())[f.name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _TRAIN_CONFIG():
-    from .train import TrainConfig
+def _train_config():
+    from .train import TrainConfig  # torch and transformers load with it: only when a command needs them
 
     return TrainConfig
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
-    """One flag per dataclass field, default SUPPRESS so that only given flags override YAML."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        extra = {"help": f"{helps.get(f.name, '')} [default: {f.default}]", "default": argparse.SUPPRESS}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
-        else:
-            parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name),
-                                metavar=None if f.name in CHOICES else f.name.upper(), **extra)
+def _eval_config():
+    from .evaluate import EvalConfig
 
-
-def build_config(cls, args: argparse.Namespace):
-    values = {}
-    if getattr(args, "config", None):
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except OSError as err:
-            raise UserError(f"--config {args.config}: cannot be read: {err.strerror or err}") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"--config {args.config}: not valid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {args.config}: expected a mapping of options, got {type(loaded).__name__}")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"--config {args.config}: unknown option(s) {unknown}")
-    for f in dataclasses.fields(cls):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    return cls(**values)
+    return EvalConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_train = sub.add_parser("train", help="train with the CLO loss (default: embedded model and demo data)",
                              description="Train an instruct model with Cross-Lingual Optimization. With no "
-                                         "--model/--data: SmolLM2-135M-Instruct on the bundled en/de demo quads.")
+                                         "--model/--data: the embedded model on the bundled en/de demo quads.")
     p_train.add_argument("--config", help="YAML file of options; command-line flags override it")
-    add_config_args(p_train, _TRAIN_CONFIG(), TRAIN_HELP)
+    options.add_args(p_train, _train_config())
 
     p_prep = sub.add_parser("prepare", help="English SFT data -> translated quads (JSONL)",
                             description="Build CLO quads: English SFT rows (oasst1 recipe, a local file or a hub "
@@ -151,19 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p_eval = sub.add_parser("eval", help="language fidelity of a model, optionally before/after",
                             description="Greedy answers to held-out target-language and English prompts, "
                                         "classified by py3langid; held-out NLL; a before/after comparison.")
-    p_eval.add_argument("--model", help="model to evaluate (default: <output-dir>/final if it exists)")
-    p_eval.add_argument("--baseline", help="model to compare with ('none' to skip; default: the base model "
-                                           "named in <output-dir>/config.json, else the embedded default)")
-    p_eval.add_argument("--data", help="held-out quads file (default: the demo set's held-out split)")
-    p_eval.add_argument("--target-lang", default="de")
-    p_eval.add_argument("--output-dir", default="runs/clo", help="the training run; the report goes to <dir>/eval")
-    p_eval.add_argument("--max-new-tokens", type=int, default=48)
-    p_eval.add_argument("--batch-size", type=int, default=16)
-    p_eval.add_argument("--limit", type=int, help="evaluate only the first N held-out quads")
-    p_eval.add_argument("--device", default="auto")
-    p_eval.add_argument("--include-trained", action="store_true",
-                        help="score rows the evaluated run trained on (refused by default: they are not held out); "
-                             "the report flags them")
+    options.add_args(p_eval, _eval_config())
 
     p_cmp = sub.add_parser("compare", help="CLO vs SFT at equal data, and CLO at half the data (the paper's "
                                            "comparison): three runs, one table",
@@ -172,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "<output-dir>/{clo,sft,clo-half}/ and compare.{json,md,png} "
                                        "(default --output-dir runs/compare).")
     p_cmp.add_argument("--config", help="YAML file of training options; command-line flags override it")
-    add_config_args(p_cmp, _TRAIN_CONFIG(), TRAIN_HELP)
-    p_cmp.add_argument("--max-new-tokens", type=int, default=48, help="evaluation: new tokens per answer")
-    p_cmp.add_argument("--limit", type=int, help="evaluation: only the first N held-out quads")
+    options.add_args(p_cmp, _train_config())
+    options.add_args(p_cmp, _eval_config(), only=("max_new_tokens", "limit"), help_prefix="evaluation: ")
 
     p_gen = sub.add_parser("generate", help="a model's answers to your prompts (base and trained side by side)",
                            description="Answer prompts with a trained model (greedy by default), optionally next "
@@ -221,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import TrainConfig, train
 
-        cfg = build_config(TrainConfig, args)
+        cfg = options.from_args(TrainConfig, args, config=args.config)
         summary = train(cfg)
         if rank == 0:
             print(json.dumps(summary, indent=2))
@@ -231,13 +128,15 @@ def _run(args: argparse.Namespace) -> int:
         prepare(args)
     elif args.command == "compare":
         from .compare import run_compare
+        from .evaluate import EvalConfig
         from .train import TrainConfig
 
-        extra = {k: vars(args).pop(k) for k in ("max_new_tokens", "limit")}
-        cfg = build_config(TrainConfig, args)
+        extra = {k: vars(args).pop(k) for k in ("max_new_tokens", "limit") if hasattr(args, k)}
+        ecfg = dataclasses.replace(EvalConfig(), **extra)
+        cfg = options.from_args(TrainConfig, args, config=args.config)
         if cfg.output_dir == TrainConfig.output_dir:  # not chosen: not the folder `clo train` uses
             cfg = dataclasses.replace(cfg, output_dir="runs/compare")
-        run_compare(cfg, **extra)
+        run_compare(cfg, max_new_tokens=ecfg.max_new_tokens, limit=ecfg.limit)
     elif args.command == "generate":
         from .evaluate import run_generate
 
@@ -250,16 +149,16 @@ def _run(args: argparse.Namespace) -> int:
         run_generate(args.prompts, models=models, max_new_tokens=args.max_new_tokens, sampling=sampling,
                      seed=args.seed, device=None if args.device == "auto" else args.device)
     elif args.command == "eval":
-        from .evaluate import run_eval
+        from .evaluate import EvalConfig, run_eval
 
-        model = _trained_model(args)
-        baseline = args.baseline if args.baseline is not None else _run_base_model(args)
+        cfg = options.from_args(EvalConfig, args)
+        model = _trained_model(cfg)
+        baseline = cfg.baseline if cfg.baseline is not None else _run_base_model(cfg)
         baseline = None if baseline in ("none", "") else baseline
-        run_eval(model=model, baseline=baseline, data=args.data, target_lang=args.target_lang,
-                 out_dir=Path(args.output_dir) / "eval", max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, limit=args.limit, device=None if args.device == "auto" else args.device,
-                 run_dir=Path(args.output_dir) if args.model is None else None,
-                 include_trained=args.include_trained)
+        run_eval(model=model, baseline=baseline, data=cfg.data, target_lang=cfg.target_lang,
+                 out_dir=Path(cfg.output_dir) / "eval", max_new_tokens=cfg.max_new_tokens,
+                 batch_size=cfg.batch_size, limit=cfg.limit, device=None if cfg.device == "auto" else cfg.device,
+                 run_dir=Path(cfg.output_dir) if cfg.model is None else None, include_trained=cfg.include_trained)
     return 0
 
 

@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from . import data as D
+from . import data
 from . import evaluate as ev
 from .errors import UserError
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 ARMS = (("clo", "clo", 1.0), ("sft", "sft", 1.0), ("clo-half", "clo", 0.5))  # (name, method, share of the quads)
 
 
-def run_compare(cfg, *, max_new_tokens: int = 48, limit: int | None = None, batch_size: int = 16) -> dict:
+def run_compare(cfg, *, max_new_tokens: int = ev.EvalConfig.max_new_tokens, limit: int | None = None,
+                batch_size: int = ev.EvalConfig.batch_size) -> dict:
     """Train the three arms of ``cfg`` (a TrainConfig), evaluate them and the base model; returns
     {"results": {label: evaluate_model result}, "quads": {arm: quads trained on}, paths}."""
     from .train import load_training_quads, train
@@ -38,7 +39,8 @@ def run_compare(cfg, *, max_new_tokens: int = 48, limit: int | None = None, batc
     train_quads, _ = load_training_quads(cfg)  # the data's problems surface before any training
     heldout, which = ev.load_eval_quads(cfg.data)
     heldout = heldout[:limit] if limit is not None else heldout
-    overlap = ev.with_prompts_in(heldout, {D.prompt_key(getattr(q, f)) for q in train_quads for f in D.PROMPT_FIELDS})
+    train_prompts = {data.prompt_key(getattr(q, f)) for q in train_quads for f in data.PROMPT_FIELDS}
+    overlap = ev.with_prompts_in(heldout, train_prompts)
     if overlap:
         raise UserError(f"{len(overlap)} of the held-out rows ({which}) are also training rows (ids "
                         f"{', '.join(overlap[:5])}): `clo compare` needs a held-out split (\"split\": \"heldout\")")

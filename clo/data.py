@@ -1,12 +1,9 @@
 """CLO data: English SFT rows, cross-lingual quads, tokenisation and batches.
 
 A quad is one English SFT example and its translation, (x_en, y_en, x_tgt, y_tgt). Training
-turns it into four sequences, always in this order (``clo_kernels.quad_pairs`` relies on it):
-
-    0: x_en  + y_en    chosen     (English prompt: keep answering in English)
-    1: x_en  + y_tgt   rejected
-    2: x_tgt + y_tgt   chosen, and the NLL term (target prompt: answer in the target language)
-    3: x_tgt + y_en    rejected
+turns it into the sequences of the one layout table, ``clo_kernels.quad`` (order, pairs and
+NLL sequences per method): x_en + y_en over x_en + y_tgt (English prompt: keep answering in
+English), x_tgt + y_tgt over x_tgt + y_en (target prompt: answer in the target language).
 
 Sources: a Hugging Face dataset through ``datasets`` (built-in recipe: OpenAssistant/oasst1),
 a local JSONL/JSON/Parquet file of instruction/response rows, or a pre-translated file with
@@ -28,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from clo_kernels.quad import LAYOUTS, QUAD_SEQUENCES
 
 from .errors import UserError
 
@@ -92,9 +91,8 @@ class Quad:
     response_tgt: str
 
     def sequences(self) -> tuple[tuple[str, str], ...]:
-        """(prompt, response) of the four sequences in the CLO order."""
-        return ((self.prompt_en, self.response_en), (self.prompt_en, self.response_tgt),
-                (self.prompt_tgt, self.response_tgt), (self.prompt_tgt, self.response_en))
+        """(prompt, response) of the quad's sequences, in the order of ``QUAD_SEQUENCES``."""
+        return tuple((getattr(self, f"prompt_{p}"), getattr(self, f"response_{r}")) for p, r in QUAD_SEQUENCES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,10 +466,6 @@ class Encoded:
     labels: tuple[tuple[int, ...], ...]
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(x) for x in self.input_ids)
-
-    @property
     def longest(self) -> int:
         """Tokens in its longest sequence: the padded width it needs (batches sort by it)."""
         return max(map(len, self.input_ids))
@@ -563,11 +557,6 @@ def fingerprint(encoded: list[Encoded]) -> str:
 # Batches
 
 
-def sequences_for(encoded: Encoded, method: str) -> tuple[int, ...]:
-    """Which of a quad's four sequences a method uses: sft needs only the two chosen ones."""
-    return (0, 2) if method == "sft" else (0, 1, 2, 3)
-
-
 def collate(batch: list[Encoded], *, pad_id: int, layout: str = "padded", method: str = "clo") -> dict:
     """Batch encoded quads for the model and the loss.
 
@@ -575,8 +564,8 @@ def collate(batch: list[Encoded], *, pad_id: int, layout: str = "padded", method
     packed: input_ids/labels/position_ids (1, N) without padding, and seq_ids (N,): one row
     holding every sequence, positions restarting at 0 for each; Hugging Face attention builds
     a block-diagonal causal mask from position_ids, so sequences do not see each other.
-    Sequences are s = 4q + k in the CLO order (2q + k' for sft)."""
-    idx = [(e, k) for e in batch for k in sequences_for(e, method)]
+    Sequence j of quad q is row q * len(seqs) + j, seqs = ``LAYOUTS[method].sequences``."""
+    idx = [(e, k) for e in batch for k in LAYOUTS[method].sequences]
     ids = [e.input_ids[k] for e, k in idx]
     labels = [e.labels[k] for e, k in idx]
     if layout == "packed":

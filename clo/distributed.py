@@ -41,11 +41,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process sits: its rank, the world size, its GPU index on the node."""
+    """Where this process sits: its rank and the world size (its GPU is the device ``setup`` returns)."""
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     owns_group: bool = False  # this module created the process group and destroys it
 
     @property
@@ -84,7 +83,7 @@ def setup(device: str, *, need_group: bool = False, timeout_min: float = 30) -> 
         where = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
                                 timeout=datetime.timedelta(minutes=timeout_min), **where)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owns_group=owns), dev
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns), dev
 
 
 def teardown(d: Dist, *, failed: bool = False) -> None:

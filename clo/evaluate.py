@@ -20,13 +20,15 @@ import math
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids
 from clo.errors import UserError
-from clo.model import hidden_states, split_lm
+from clo.model import DEFAULT_MODEL, hidden_states, split_lm
+from clo.options import option
 from clo_kernels import sequence_logps
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,25 @@ UNKNOWN = "unknown"
 SAMPLE_CHARS = 200  # characters of each answer shown side by side in the report
 NUM_SIDE_BY_SIDE = 5
 NUM_SIDE_BY_SIDE_EN = 3
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every `clo eval` option, declared once: default and help (clo/options.py). The library
+    functions below take their defaults from here."""
+
+    model: str | None = option(None, "model to evaluate (default: <output-dir>/final if it exists)")
+    baseline: str | None = option(None, "model to compare with ('none' to skip; default: the base model named in "
+                                  f"<output-dir>/config.json, else the embedded {DEFAULT_MODEL})")
+    data: str | None = option(None, "held-out quads file (default: the demo set's held-out split)")
+    target_lang: str = option("de", "target language, ISO 639-1 code")
+    output_dir: str = option("runs/clo", "the training run; the report goes to <dir>/eval")
+    max_new_tokens: int = option(48, "new tokens per answer (greedy)")
+    batch_size: int = option(16, "prompts per generate call")
+    limit: int | None = option(None, "evaluate only the first N held-out quads")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    include_trained: bool = option(False, "score rows the evaluated run trained on (refused by default: they are "
+                                   "not held out); the report flags them")
 
 # ----------------------------------------------------------------------------------------------
 # Language identification
@@ -147,7 +168,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int = EvalConfig.max_new_tokens,
+                       batch_size: int = EvalConfig.batch_size,
                        progress: bool = True, sampling: dict | None = None) -> list[str]:
     """Greedy answers to ``prompts`` (one user turn each, in the chat template), in input order;
     ``sampling`` ({"temperature": t, "top_p": p}) samples instead (seed torch's generator first).
@@ -253,8 +275,9 @@ def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", ma
 # Evaluation
 
 
-def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str, max_new_tokens: int = 64,
-                   batch_size: int = 16, limit: int | None = None, max_length: int = 256,
+def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str,
+                   max_new_tokens: int = EvalConfig.max_new_tokens, batch_size: int = EvalConfig.batch_size,
+                   limit: int | None = None, max_length: int = 256,
                    progress: bool = True) -> dict:
     """Language fidelity of ``model`` on held-out ``quads`` (the first ``limit`` of them).
 
@@ -533,13 +556,12 @@ def trained_on(quads: list[Quad], runs: list[Path]) -> tuple[list[str], Path | N
 
 
 def evaluate_models(runs: list[tuple[str, str | None]], quads: list[Quad], *, target_lang: str,
-                    max_new_tokens: int, batch_size: int = 16, device: str | None = None,
+                    max_new_tokens: int = EvalConfig.max_new_tokens, batch_size: int = EvalConfig.batch_size,
+                    device: str | None = None,
                     dtype: torch.dtype | None = None, progress: bool = True, extra: dict | None = None) -> dict:
     """{label: evaluate_model result plus "model" and ``extra``} for (label, spec) pairs (spec None =
     the embedded default), loaded one at a time: the first is freed before the next is loaded.
     dtype: default float32 on CPU, bfloat16 on a CUDA device that supports it."""
-    from clo.model import DEFAULT_MODEL
-
     def evaluate(lm, tokenizer):
         return evaluate_model(lm, tokenizer, quads, target_lang=target_lang, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, progress=progress)
@@ -569,7 +591,8 @@ def _one_at_a_time(runs: list[tuple[str, str | None]], fn, *, device: str | None
 
 
 def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None, target_lang: str,
-             out_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
+             out_dir: str | Path, max_new_tokens: int = EvalConfig.max_new_tokens,
+             batch_size: int = EvalConfig.batch_size, limit: int | None = None,
              device: str | None = None, dtype: torch.dtype | None = None, progress: bool = True,
              run_dir: str | Path | None = None, include_trained: bool = False) -> dict:
     """``clo eval``: evaluate ``model`` (None = the embedded default), and ``baseline`` first when
@@ -608,13 +631,11 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
 # clo generate
 
 
-def run_generate(prompts: list[str], *, models: list[tuple[str, str | None]], max_new_tokens: int = 128,
+def run_generate(prompts: list[str], *, models: list[tuple[str, str | None]], max_new_tokens: int,
                  sampling: dict | None = None, seed: int = 0, device: str | None = None) -> dict:
     """``clo generate``: each model's answer to each prompt, printed side by side with the
     answer's language (and "loops" where it goes round). ``models``: (label, spec) pairs, spec
     None = the embedded default; loaded one at a time. Returns {label: [answers]}."""
-    from clo.model import DEFAULT_MODEL
-
     def answer(lm, tokenizer):
         torch.manual_seed(seed)
         return generate_responses(lm, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8,

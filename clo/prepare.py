@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import data as D
+from . import data
 from .errors import UserError
 from .translate import LANGUAGES, Translator, translate_rows
 
@@ -22,11 +22,11 @@ log = logging.getLogger("clo.prepare")
 
 
 def load_english(source: str, *, limit: int | None, prompt_field: str | None, response_field: str | None,
-                 on_bad_row: str) -> tuple[list[dict], D.DataReport]:
+                 on_bad_row: str) -> tuple[list[dict], data.DataReport]:
     if Path(source).suffix.lower() in (".jsonl", ".json", ".parquet"):
-        return D.load_sft_rows(source, prompt_field=prompt_field, response_field=response_field, limit=limit,
+        return data.load_sft_rows(source, prompt_field=prompt_field, response_field=response_field, limit=limit,
                                on_bad_row=on_bad_row)
-    return D.load_hf_sft(source, limit=limit, on_bad_row=on_bad_row)
+    return data.load_hf_sft(source, limit=limit, on_bad_row=on_bad_row)
 
 
 def prepare(args) -> Path:
@@ -49,7 +49,7 @@ def prepare(args) -> Path:
     tmp = out.with_name(out.name + ".partial")
     with open(tmp, "w") as f:
         for q in quads:
-            f.write(json.dumps({k: q[k] for k in ("id", *D.QUAD_FIELDS)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({k: q[k] for k in ("id", *data.QUAD_FIELDS)}, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     log.info("%d quads -> %s", len(quads), out)
     return out

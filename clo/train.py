@@ -46,10 +46,20 @@ from torch import nn
 
 import clo_kernels as ck
 
-from . import data as D
-from . import distributed as DD
-from . import model as M
+from . import data
+from . import distributed as parallel
 from .errors import UserError
+from .model import (
+    DEFAULT_MODEL,
+    SplitLM,
+    base_model,
+    hidden_states,
+    load_model,
+    select_trainable,
+    split_lm,
+    trainable_parameters,
+)
+from .options import check_choices, option
 
 log = logging.getLogger("clo.train")
 METHODS = ("clo", "sft", "dpo")
@@ -67,76 +77,81 @@ RUN_FILES = ("config.json", "metrics.jsonl", "metrics.png", "checkpoints", "fina
 
 @dataclass
 class TrainConfig:
+    """Every `clo train` option, declared once: default, help and choices (clo/options.py)."""
+
     # what
-    model: str | None = None            # hub name, folder or .gguf; None = embedded SmolLM2-135M-Instruct
-    data: str | None = None             # pre-translated quads (JSONL/Parquet); None = bundled en/de demo
-    target_lang: str = "de"
-    method: str = "clo"                 # clo | sft | dpo
-    trainable: str = "attention"        # attention (q/k/v/o, the paper) | lora | all
-    attention_modules: str | None = None  # comma-separated module-name suffixes; None = known per architecture
-    lora_r: int = 16
-    lora_alpha: int = 32
-    merge_lora: bool = False
-    ref: str = "precompute"             # precompute (cached) | online (LoRA only: adapters disabled)
-    loss_impl: str = "auto"             # auto | triton | torch | reference
+    model: str | None = option(None, "hub name, local folder or .gguf file (default: the embedded "
+                               f"{DEFAULT_MODEL})")
+    data: str | None = option(None, "pre-translated quads, JSONL/Parquet with prompt_en, response_en, prompt_tgt, "
+                              "response_tgt (default: the bundled English/German demo set, train split)")
+    target_lang: str = option("de", "target language, ISO 639-1 code")
+    method: str = option("clo", "clo (NLL on target responses + DPO over both pair kinds), sft (NLL on both chosen "
+                         "responses, the paper's baseline) or dpo (pairs only)", choices=METHODS)
+    trainable: str = option("attention", "attention: q/k/v/o projections as full parameters (the paper); lora: "
+                            "LoRA on them; all", choices=("attention", "lora", "all"))
+    attention_modules: str | None = option(None, "comma-separated module-name suffixes of the attention projections, "
+                                           "e.g. 'self_attn.q_proj,self_attn.o_proj' (default: known per "
+                                           "architecture)")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (the update is scaled by alpha / r)")
+    merge_lora: bool = option(False, "merge the LoRA adapters into the final model")
+    ref: str = option("precompute", "precompute: reference log-probs once, cached on disk; online: LoRA with "
+                      "adapters disabled", choices=("precompute", "online"))
+    loss_impl: str = option("auto", "fused loss path: auto (triton on CUDA, torch on CPU), triton, torch or "
+                            "reference (naive)", choices=("auto", "triton", "torch", "reference"))
     # objective
-    beta: float = 0.1
-    nll_weight: float = 0.5             # lambda of the paper
-    average_logps: bool = False
+    beta: float = option(0.1, "DPO temperature")
+    nll_weight: float = option(0.5, "lambda: weight of the target-language NLL; the pair term gets 1 - lambda")
+    average_logps: bool = option(False, "use mean instead of summed token log-probs per sequence")
     # data
-    max_length: int = 256
-    max_quads: int | None = None        # use the first N quads of the data
-    # padded: right-padded (S, T) batches. packed: one row, no padding, seq_ids; it pays off only
-    # with a varlen attention kernel (flash_attention_2): SDPA's masked path attends over the
-    # whole packed row, and SmolLM2 on the CPU ran 1.5x slower packed than padded (2,090 packed
-    # vs 16 x 193 padded tokens).
-    layout: str = "padded"
-    on_bad_row: str = "skip"            # skip (dropped rows are counted and logged) | error
-    # optimisation (defaults: the embedded demo, 120 quads seen in about 10 minutes on 2 CPU cores)
-    max_steps: int = 60
-    batch_quads: int = 2                # quads per micro-batch (4 sequences each)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    optimizer: str = "adamw"            # adamw | sgd (momentum 0.9: an update linear in the gradient)
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    max_length: int = option(256, "tokens per sequence; longer responses are cut, prompts that do not fit are bad "
+                             "rows")
+    max_quads: int | None = option(None, "use only the first N quads")
+    # packed pays off only with a varlen attention kernel (flash_attention_2): SDPA's masked path
+    # attends over the whole packed row (benchmarks/NOTES.md, "Packed or padded").
+    layout: str = option("padded", "packed (padding-free, seq_ids) or padded batches", choices=("packed", "padded"))
+    on_bad_row: str = option("skip", "skip (drop, count and log bad rows) or error (stop at the first, naming it)",
+                             choices=("skip", "error"))
+    # optimisation (the defaults are the embedded demo's; its times: benchmarks/results/README.md)
+    max_steps: int = option(60, "optimizer steps")
+    batch_quads: int = option(2, "quads per micro-batch (4 sequences each)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-4, "peak learning rate")
+    optimizer: str = option("adamw", "adamw, or sgd (momentum 0.9; its update is linear in the gradient)",
+                            choices=OPTIMIZERS)
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW) or L2 penalty (SGD)")
+    warmup_steps: int = option(5, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of --lr")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seed: int = option(0, "seed of the data order and of LoRA's initial weights")
     # machine
-    device: str = "auto"                # auto | cpu | cuda
-    fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP; torchrun sets the world
-    dist_timeout_min: float = 30        # collectives wait this long (rank 0 writing a checkpoint, say)
-    grad_checkpointing: str = "auto"    # auto (on for CUDA) | on | off
+    device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    fsdp: bool = option(False, "shard the model with FSDP2 (fully_shard) instead of replicating it with DDP; "
+                        "launch with torchrun for several processes")
+    dist_timeout_min: float = option(30, "minutes a collective may wait (other ranks wait while rank 0 writes a "
+                                     "checkpoint)")
+    grad_checkpointing: str = option("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))
     # output
-    output_dir: str = "runs/clo"
-    cache_dir: str | None = None        # reference log-prob cache; default <output_dir>/cache
-    log_every: int = 1
-    save_every: int = 0                 # 0: only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False             # replace the run already in output_dir
-    tensorboard: bool = False
-    progress: bool = True
-    save_final: bool = True
+    output_dir: str = option("runs/clo", "metrics.jsonl, metrics.png, checkpoints/ and final/ go here")
+    cache_dir: str | None = option(None, "reference log-prob cache (default: <output-dir>/cache)")
+    log_every: int = option(1, "write a metrics row every N steps")
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "checkpoints kept (the oldest are removed)")
+    resume: bool = option(False, "continue from the latest checkpoint in --output-dir")
+    overwrite: bool = option(False, "replace the run already in --output-dir (its metrics, checkpoints, final "
+                             "model; the reference cache is kept)")
+    tensorboard: bool = option(False, "also log to <output-dir>/tensorboard (needs the tensorboard package)")
+    progress: bool = option(True, "show progress bars")
+    save_final: bool = option(True, "save the final model to <output-dir>/final")
 
     def check(self) -> None:
         """Bad options fail here, named, before a model is loaded."""
         def need(ok, msg):
             if not ok:
                 raise UserError(msg)
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.trainable in ("attention", "lora", "all"), f"trainable must be attention|lora|all, "
-             f"got {self.trainable!r}")
-        need(self.ref in ("precompute", "online"), f"ref must be precompute|online, got {self.ref!r}")
+        check_choices(self)
         need(self.ref != "online" or self.trainable == "lora", "ref='online' needs trainable='lora' (the base "
              "model is the LoRA model with its adapters disabled)")
-        need(self.loss_impl in ("auto", "triton", "torch", "reference"), f"loss_impl must be auto|triton|torch|"
-             f"reference, got {self.loss_impl!r}")
-        need(self.layout in ("packed", "padded"), f"layout must be packed|padded, got {self.layout!r}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
-        need(self.grad_checkpointing in ("auto", "on", "off"), "grad_checkpointing must be auto|on|off")
-        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(not (self.resume and self.overwrite), "--resume continues the run in --output-dir and --overwrite "
              "replaces it: pass one of them")
         for name in ("max_steps", "batch_quads", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
@@ -185,36 +200,33 @@ def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
 
 
 def loss_layout(method: str, num_quads: int, nll_weight: float):
-    """chosen, rejected, nll_mask and the NLL weight of a micro-batch of ``num_quads`` quads."""
-    if method == "sft":  # two sequences per quad (both chosen), all NLL, no pairs
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.ones(2 * num_quads, dtype=torch.bool), 1.0
-    chosen, rejected, nll_mask = ck.quad_pairs(num_quads)
-    if method == "dpo":
-        return chosen, rejected, None, 0.0
-    return chosen, rejected, nll_mask, nll_weight
+    """chosen, rejected, nll_mask (None without an NLL term) and the NLL weight of a micro-batch
+    of ``num_quads`` quads, from the method's quad layout (clo_kernels.quad)."""
+    layout = ck.LAYOUTS[method]
+    chosen, rejected, nll_mask = layout.batch(num_quads)
+    weight = 1.0 if not layout.pairs else nll_weight if layout.nll else 0.0
+    return chosen, rejected, nll_mask if layout.nll else None, weight
 
 
-def denominators(batches: list[list[D.Encoded]], method: str) -> tuple[int, int]:
+def denominators(batches: list[list[data.Encoded]], method: str) -> tuple[int, int]:
     """(pairs, NLL tokens) of a whole optimizer step (every micro-batch, every rank): the loss's
     global denominators."""
     quads = [e for b in batches for e in b]
-    nll_seqs = (0, 2) if method == "sft" else (2,)
-    pairs = 0 if method == "sft" else 2 * len(quads)
-    return pairs, sum(D.response_tokens(e, nll_seqs) for e in quads)
+    layout = ck.LAYOUTS[method]
+    return len(layout.pairs) * len(quads), sum(data.response_tokens(e, layout.nll_sequences) for e in quads)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loss on one micro-batch
 
 
-def head_inputs(split: M.SplitLM, batch: dict, *, amp_dtype) -> dict:
+def head_inputs(split: SplitLM, batch: dict, *, amp_dtype) -> dict:
     """The fused loss's tensor arguments for a collated batch: final hidden states, the head's
     weight and bias (in the autocast dtype: the kernels want one dtype, and the frozen head's
     cast costs no gradient), labels and, when packed, seq_ids."""
     device = split.head.weight.device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        hidden = M.hidden_states(split, batch)
+        hidden = hidden_states(split, batch)
     weight, bias = split.head.weight, split.head.bias
     if amp_dtype is not None:
         weight, bias = weight.to(amp_dtype), None if bias is None else bias.to(amp_dtype)
@@ -225,7 +237,7 @@ def head_inputs(split: M.SplitLM, batch: dict, *, amp_dtype) -> dict:
             "seq_ids": batch["seq_ids"].to(device) if packed else None}
 
 
-def micro_step_loss(split: M.SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, num_pairs, num_nll_tokens,
+def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, num_pairs, num_nll_tokens,
                     amp_dtype):
     """The fused CLO loss of one collated micro-batch; the logits are never materialised."""
     args = head_inputs(split, batch, amp_dtype=amp_dtype)
@@ -241,7 +253,7 @@ def micro_step_loss(split: M.SplitLM, batch: dict, *, cfg: TrainConfig, ref_logp
 
 
 @torch.no_grad()
-def batch_logps(split: M.SplitLM, batch: dict, *, cfg: TrainConfig, amp_dtype) -> torch.Tensor:
+def batch_logps(split: SplitLM, batch: dict, *, cfg: TrainConfig, amp_dtype) -> torch.Tensor:
     """(S,) fp32 sequence log-probs of a collated batch, without gradients."""
     args = head_inputs(split, batch, amp_dtype=amp_dtype)
     return ck.sequence_logps(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args,
@@ -260,7 +272,7 @@ class Objective(nn.Module):
     def __init__(self, lm: nn.Module, *, cfg: TrainConfig, amp_dtype):
         super().__init__()
         self.lm = lm
-        self.split = M.split_lm(lm)  # module references: FSDP2 swaps their parameters, not the modules
+        self.split = split_lm(lm)  # module references: FSDP2 swaps their parameters, not the modules
         self.cfg = cfg
         self.amp_dtype = amp_dtype
 
@@ -278,27 +290,27 @@ class Objective(nn.Module):
 
 
 @torch.no_grad()
-def reference_logps(objective: nn.Module, encoded: list[D.Encoded], *, cfg: TrainConfig,
+def reference_logps(objective: nn.Module, encoded: list[data.Encoded], *, cfg: TrainConfig,
                     desc="reference log-probs", progress: bool | None = None) -> torch.Tensor:
-    """(Q, 4) fp32 sequence log-probs of the (still untrained) ``Objective`` for every quad, in
-    batches of similar lengths (less padding)."""
+    """(Q, 4) fp32 sequence log-probs of the (still untrained) ``Objective`` for every quad (its
+    sequences in the clo layout), in batches of similar lengths (less padding)."""
     from tqdm.auto import tqdm
 
-    out = torch.empty(len(encoded), 4)
+    out = torch.empty(len(encoded), len(ck.QUAD_SEQUENCES))
     bs = max(cfg.batch_quads, 4)
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].longest)
     show = cfg.progress if progress is None else progress
     for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not show, leave=False):
         idx = order[start:start + bs]
-        batch = D.collate([encoded[i] for i in idx], pad_id=0, layout=cfg.layout)
-        out[idx] = objective(batch, logps_only=True).cpu().view(-1, 4)
+        batch = data.collate([encoded[i] for i in idx], pad_id=0, layout=cfg.layout)
+        out[idx] = objective(batch, logps_only=True).cpu().view(out[idx].shape)
     return out
 
 
 def model_fingerprint(model) -> str:
     """A hash of the config and a strided sample of every weight tensor (about 1,000 values each):
-    any training step moves the sampled values of the tensors it trains; hashing all 135M values
-    of SmolLM2 took 10 s on this machine, the sample takes milliseconds."""
+    any training step moves the sampled values of the tensors it trains, and hashing every value
+    would cost seconds per model (benchmarks/NOTES.md, "Model fingerprint")."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for name, p in model.state_dict().items():
         flat = p.detach().reshape(-1)
@@ -308,7 +320,7 @@ def model_fingerprint(model) -> str:
 
 
 def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: TrainConfig, fingerprints: dict,
-                     d: DD.Dist = DD.SINGLE, device: torch.device | None = None) -> torch.Tensor:
+                     d: parallel.Dist = parallel.SINGLE, device: torch.device | None = None) -> torch.Tensor:
     """(Q, 4) reference log-probs, NaN for quads this run never sees.
 
     Only the ``needed`` quads are computed: a short run over a large dataset does not pay a
@@ -320,18 +332,18 @@ def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: T
     path /= f"ref-{fingerprints['model']}-{fingerprints['data']}-avg{int(cfg.average_logps)}.pt"
     ref = None
     if d.main:
-        ref = torch.load(path) if path.exists() else torch.full((len(encoded), 4), float("nan"))
-    ref = DD.broadcast_object(ref, d)
+        ref = torch.load(path) if path.exists() else torch.full((len(encoded), len(ck.QUAD_SEQUENCES)), float("nan"))
+    ref = parallel.broadcast_object(ref, d)
     missing = [i for i in needed if torch.isnan(ref[i]).any()]
     log.info("reference log-probs: %d quads needed, %d cached in %s", len(needed), len(needed) - len(missing), path)
     if missing:
         t0 = time.perf_counter()
         by_length = sorted(missing, key=lambda i: encoded[i].longest)
-        mine = DD.shard_evenly(by_length, d)
+        mine = parallel.shard_evenly(by_length, d)
         values = reference_logps(objective, [encoded[i] for i in mine], cfg=cfg, progress=cfg.progress and d.main)
         on = device or torch.device("cpu")
-        idx = DD.all_gather_cat(torch.tensor(mine, device=on), d).cpu()
-        ref[idx] = DD.all_gather_cat(values.to(on), d).cpu()
+        idx = parallel.all_gather_cat(torch.tensor(mine, device=on), d).cpu()
+        ref[idx] = parallel.all_gather_cat(values.to(on), d).cpu()
         if d.main:
             _atomic_save(ref, path)
         log.info("reference log-probs for %d quads in %.1f s (%d ranks)", len(missing), time.perf_counter() - t0,
@@ -366,10 +378,10 @@ _LM = "lm."  # Objective's prefix; checkpoints use the model's own parameter nam
 
 
 def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints, device_type: str,
-                    d: DD.Dist = DD.SINGLE) -> Path | None:
+                    d: parallel.Dist = parallel.SINGLE) -> Path | None:
     """Full trainable weights and optimizer state (gathered from the shards under FSDP2: every
     rank calls this), written by rank 0 only; ``model`` is the (wrapped) Objective."""
-    weights, optim = DD.trainable_state(model, optimizer)
+    weights, optim = parallel.trainable_state(model, optimizer)
     if not d.main:
         return None
     root = out / "checkpoints"
@@ -466,21 +478,21 @@ def check_resume(meta: dict, cfg: TrainConfig, *, world: int, device_type: str, 
                     old["max_steps"], cfg.max_steps, meta["step"] + 1)
 
 
-def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: DD.Dist, device) -> int:
+def resume(out: Path, *, model, optimizer, scheduler, fingerprints, d: parallel.Dist, device) -> int:
     """Load the latest checkpoint into the (wrapped) Objective, optimizer and scheduler; returns
     its step (0 when there is none). Rank 0 reads the file, the state is broadcast."""
     state = load_checkpoint(out) if d.main else None
     keys = ("step", "fingerprints", "scheduler", "rng")  # world size and options: checked in check_resume
-    meta = DD.broadcast_object(None if state is None else {k: state.get(k) for k in keys}, d)
+    meta = parallel.broadcast_object(None if state is None else {k: state.get(k) for k in keys}, d)
     if meta is None:
         log.warning("--resume: no checkpoint in %s, starting from step 0", out)
         return 0
-    for key, option in (("model", "--model"), ("data", "--data")):
+    for key, flag in (("model", "--model"), ("data", "--data")):
         if meta["fingerprints"][key] != fingerprints[key]:
-            raise UserError(f"--resume: {option} gives other {key} than the checkpoint in {out} was trained on "
+            raise UserError(f"--resume: {flag} gives other {key} than the checkpoint in {out} was trained on "
                             f"(fingerprint {fingerprints[key]}, the run's {meta['fingerprints'][key]})")
     weights = {_LM + n: w for n, w in state["trainable"].items()} if d.main else {}
-    DD.load_trainable_state(model, optimizer, weights, state["optimizer"] if d.main else {}, d)
+    parallel.load_trainable_state(model, optimizer, weights, state["optimizer"] if d.main else {}, d)
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(meta["rng"]["torch"])
     if meta["rng"]["cuda"] is not None and device.type == "cuda":
@@ -540,34 +552,34 @@ def peak_memory_mb(device: torch.device) -> float:
 # The run
 
 
-def load_training_quads(cfg: TrainConfig) -> tuple[list[D.Quad], D.DataReport]:
+def load_training_quads(cfg: TrainConfig) -> tuple[list[data.Quad], data.DataReport]:
     """The quads to train on, read and checked before any model is loaded. Rows of another split
     than "train" (the held-out rows evaluation uses) are kept out; rows without a split field train."""
-    if cfg.data is None and cfg.target_lang != D.DEMO_LANG:
+    if cfg.data is None and cfg.target_lang != data.DEMO_LANG:
         raise UserError(f"the bundled demo data is English/German; --target-lang {cfg.target_lang!r} needs "
                         "--data (a pre-translated file from `clo prepare`)")
-    quads, report = D.load_quads(cfg.data or D.demo_path(), split="train", on_bad_row=cfg.on_bad_row)
+    quads, report = data.load_quads(cfg.data or data.demo_path(), split="train", on_bad_row=cfg.on_bad_row)
     if cfg.max_quads is not None:
         quads = quads[:cfg.max_quads]
     if not quads:
-        raise D.DataError(f"no usable quads: {report.summary()}")
+        raise data.DataError(f"no usable quads: {report.summary()}")
     return quads, report
 
 
-def encode_training_quads(cfg: TrainConfig, quads: list[D.Quad], report: D.DataReport, tokenizer):
-    encoded, enc_report = D.encode_quads(tokenizer, quads, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row,
+def encode_training_quads(cfg: TrainConfig, quads: list[data.Quad], report: data.DataReport, tokenizer):
+    encoded, enc_report = data.encode_quads(tokenizer, quads, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row,
                                          source=f"tokenising {report.source}")
     if not encoded:
-        raise D.DataError(f"no usable quads: {report.summary()}; {enc_report.summary()}")
+        raise data.DataError(f"no usable quads: {report.summary()}; {enc_report.summary()}")
     return encoded, [report, enc_report]
 
 
-def write_trained_quads(out: Path, cfg: TrainConfig, quads: list[D.Quad], encoded: list[D.Encoded],
+def write_trained_quads(out: Path, cfg: TrainConfig, quads: list[data.Quad], encoded: list[data.Encoded],
                         seen: list[int]) -> None:
     """<output_dir>/trained_quads.json: the quads this run trains on, by id and prompt key, so
     that `clo eval` can refuse to score them as held-out rows."""
     by_id = {q.id: q for q in quads}
-    rows = [{"id": encoded[i].id, **{f: D.prompt_key(getattr(by_id[encoded[i].id], f)) for f in D.PROMPT_FIELDS}}
+    rows = [{"id": encoded[i].id, **{f: data.prompt_key(getattr(by_id[encoded[i].id], f)) for f in data.PROMPT_FIELDS}}
             for i in seen]
     _atomic_write_text(out / "trained_quads.json", json.dumps({"data": cfg.data or "demo (train split)",
                                                                "quads": rows}, indent=1))
@@ -579,7 +591,7 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
-def _on_rank0(fn, d: DD.Dist):
+def _on_rank0(fn, d: parallel.Dist):
     """fn() on rank 0, its result (or its UserError) on every rank: the other ranks may not see
     rank 0's files, and must not wait at a collective for a rank that gave up."""
     result = error = None
@@ -588,7 +600,7 @@ def _on_rank0(fn, d: DD.Dist):
             result = fn()
         except UserError as e:
             error = str(e)
-    result, error = DD.broadcast_object((result, error), d)
+    result, error = parallel.broadcast_object((result, error), d)
     if error is not None:
         raise UserError(error)
     return result
@@ -598,173 +610,242 @@ def train(cfg: TrainConfig) -> dict:
     """Run CLO training; returns a summary (final metrics, paths). Under torchrun, every rank
     calls this; rank 0 writes the files and returns the summary the others return too."""
     cfg.check()
-    d, device = DD.setup(cfg.device, need_group=cfg.fsdp, timeout_min=cfg.dist_timeout_min)
+    d, device = parallel.setup(cfg.device, need_group=cfg.fsdp, timeout_min=cfg.dist_timeout_min)
     try:
         summary = _train(cfg, d, device)
     except BaseException:
-        DD.teardown(d, failed=True)
+        parallel.teardown(d, failed=True)
         raise
-    DD.teardown(d)
+    parallel.teardown(d)
     return summary
 
 
-def _train(cfg: TrainConfig, d: DD.Dist, device: torch.device) -> dict:
-    out = Path(cfg.output_dir)
+@dataclass
+class Run:
+    """What the phases of one training run share (filled in by the setup phases, in order)."""
+
+    cfg: TrainConfig
+    d: parallel.Dist
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: nn.Module                 # the causal LM (a peft model under LoRA); unwrapped
+    tokenizer: object
+    quads: list[data.Quad]
+    encoded: list[data.Encoded]
+    reports: list[data.DataReport]
+    fingerprints: dict
+    objective: nn.Module | None = None  # Objective, wrapped by DDP or FSDP2 under torchrun
+    params: list = dataclasses.field(default_factory=list)
+    ref: torch.Tensor | None = None      # (Q, 4) precomputed reference log-probs
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    start: int = 0                       # the step a resumed run continues from
+    logger: MetricsLog | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def _train(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> dict:
     # Refusals first, before any model is loaded or file changes: rank 0 decides for all.
     replaced = _on_rank0(lambda: check_output_dir(cfg, world=d.world, device_type=device.type), d)
+    run = setup_model_and_data(cfg, d, device)
+    setup_objective(run)
+    seen = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(run.encoded),
+                                                                                 world=d.world) for i in mb})
+    start_output_dir(run, replaced=replaced, seen=seen)
+    setup_reference(run, seen=seen)
+    setup_optimizer(run)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.method} train",
+               disable=not (cfg.progress and d.main))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row = {}
+    for step in range(run.start, cfg.max_steps):
+        row = train_step(run, step)
+        if run.logger is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+            run.logger.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                        tok_s=f"{row['tokens/s']:.0f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            save_run_checkpoint(run, step=step + 1)
+    bar.close()
+    return finish(run, last_row=row)
+
+
+def setup_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> Run:
+    """Setup 1: the training quads, the model and tokenizer, the encoded quads and the
+    fingerprints that key the reference cache and guard --resume."""
     quads, data_report = load_training_quads(cfg)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
-
     # FSDP2: rank 0 reads the weights into host memory, the others build the model on the meta
-    # device; fully_shard moves the shards to each GPU and rank 0's weights fill them (below).
-    from_rank0 = cfg.fsdp and d.world > 1
-    meta = from_rank0 and not d.main
-    model, tokenizer = M.load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
+    # device; fully_shard moves the shards to each GPU and rank 0's weights fill them (setup_objective).
+    meta = cfg.fsdp and d.world > 1 and not d.main
+    model, tokenizer = load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
     encoded, reports = encode_training_quads(cfg, quads, data_report, tokenizer)
     for r in reports if d.main else ():
         log.info("data: %s", r.summary())
         for ex in r.examples:
             log.warning("dropped %s", ex)
     model_key = None if meta else model_fingerprint(model)
-    fingerprints = {"model": DD.broadcast_object(model_key, d) if cfg.fsdp else model_key,
-                    "data": D.fingerprint(encoded)}
-    DD.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
+    fingerprints = {"model": parallel.broadcast_object(model_key, d) if cfg.fsdp else model_key,
+                    "data": data.fingerprint(encoded)}
+    parallel.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
+    return Run(cfg=cfg, d=d, device=device, amp_dtype=amp_dtype, model=model, tokenizer=tokenizer, quads=quads,
+               encoded=encoded, reports=reports, fingerprints=fingerprints)
 
-    model = M.select_trainable(model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                               attention_modules=cfg.attention_modules)
+
+def setup_objective(run: Run) -> None:
+    """Setup 2: what trains (attention, LoRA or all), gradient checkpointing, and the Objective
+    wrapped for data parallelism; ``run.params`` are the trainable parameters after wrapping."""
+    cfg, d, device = run.cfg, run.d, run.device
+    run.model = select_trainable(run.model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 attention_modules=cfg.attention_modules)
     if cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_train = sum(p.numel() for p in M.trainable_parameters(model).values())
-    n_total = sum(p.numel() for p in model.parameters())
+        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_train = sum(p.numel() for p in trainable_parameters(run.model).values())
+    n_total = sum(p.numel() for p in run.model.parameters())
     log.info("training %s parameters of %s (%.1f%%): %s; %d process(es), %s", f"{n_train:,}", f"{n_total:,}",
              100 * n_train / n_total, cfg.trainable, d.world, "FSDP2" if cfg.fsdp else "DDP" if d.world > 1 else
              "single")
-    objective = Objective(model, cfg=cfg, amp_dtype=amp_dtype)
+    from_rank0 = cfg.fsdp and d.world > 1
+    objective = Objective(run.model, cfg=cfg, amp_dtype=run.amp_dtype)
     full_state = objective.state_dict() if from_rank0 and d.main else {}  # references, no copy
-    objective = DD.wrap(objective, d=d, fsdp=cfg.fsdp, device=device, amp_dtype=amp_dtype)
+    objective = parallel.wrap(objective, d=d, fsdp=cfg.fsdp, device=device, amp_dtype=run.amp_dtype)
     if from_rank0:
-        DD.fill_from_rank0(objective, full_state, d=d, device=device)
+        parallel.fill_from_rank0(objective, full_state, d=d, device=device)
         del full_state
-    params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
+    run.objective = objective
+    run.params = [p for p in objective.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps in DTensors
 
-    seen = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(encoded), world=d.world)
-                   for i in mb})
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in replaced:  # --overwrite, now that the new run's model and data have loaded
-            log.warning("--overwrite: removing the previous run's %s", out / name)
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        write_trained_quads(out, cfg, quads, encoded, seen)
 
-    # Reference log-probs: the model has not changed yet (LoRA's B starts at zero).
-    need_ref = cfg.method != "sft"
-    ref = None
-    if need_ref and cfg.ref == "precompute":
-        objective.eval()
-        ref = cached_reference(objective, encoded, seen, cfg=cfg, fingerprints=fingerprints, d=d, device=device)
-        if hasattr(objective, "reshard"):
+def start_output_dir(run: Run, *, replaced: list[str], seen: list[int]) -> None:
+    """Setup 3 (rank 0): --overwrite's removals, now that the new run's model and data have
+    loaded, and trained_quads.json."""
+    if not run.d.main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    for name in replaced:
+        log.warning("--overwrite: removing the previous run's %s", run.out / name)
+        path = run.out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    write_trained_quads(run.out, run.cfg, run.quads, run.encoded, seen)
+
+
+def setup_reference(run: Run, *, seen: list[int]) -> None:
+    """Setup 4: the reference log-probs of the quads the run will see, while the model is still
+    the base model (LoRA's B starts at zero); none for sft or --ref online."""
+    if ck.LAYOUTS[run.cfg.method].pairs and run.cfg.ref == "precompute":
+        run.objective.eval()
+        run.ref = cached_reference(run.objective, run.encoded, seen, cfg=run.cfg, fingerprints=run.fingerprints,
+                                   d=run.d, device=run.device)
+        if hasattr(run.objective, "reshard"):
             # FSDP2 keeps the root's weights gathered after a forward (the backward would need them);
             # after this no-grad pass nothing will: free them, and give resume sharded parameters to
             # load into (set_model_state_dict fails on gathered ones).
-            objective.reshard()
-    objective.train()
+            run.objective.reshard()
+    run.objective.train()
 
-    optimizer = make_optimizer(params, cfg, device)
 
-    def lr_lambda(step: int) -> float:  # linear warmup, then cosine down to min_lr_ratio
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        t = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    t = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    checkpoint = functools.partial(save_checkpoint, out, model=objective, optimizer=optimizer, scheduler=scheduler,
-                                   cfg=cfg, fingerprints=fingerprints, device_type=device.type, d=d)
-    start = 0
+
+def setup_optimizer(run: Run) -> None:
+    """Setup 5: optimizer and schedule, the checkpoint to resume from, config.json and the metrics log."""
+    cfg = run.cfg
+    run.optimizer = make_optimizer(run.params, cfg, run.device)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: lr_factor(step, cfg))
     if cfg.resume:
-        start = resume(out, model=objective, optimizer=optimizer, scheduler=scheduler, fingerprints=fingerprints,
-                       d=d, device=device)
-    logger = None
-    if d.main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        logger = MetricsLog(out, resume_step=start, tensorboard=cfg.tensorboard)
+        run.start = resume(run.out, model=run.objective, optimizer=run.optimizer, scheduler=run.scheduler,
+                           fingerprints=run.fingerprints, d=run.d, device=run.device)
+    if run.d.main:
+        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        run.logger = MetricsLog(run.out, resume_step=run.start, tensorboard=cfg.tensorboard)
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.method} train", disable=not (cfg.progress and d.main))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    row = {}
-    for step in range(start, cfg.max_steps):
-        t0 = time.perf_counter()
-        global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
-        num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
-        sums: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for k, mb in enumerate(global_batches):
-            idx = rank_share(mb, cfg, d.rank)
-            batch = D.collate([encoded[i] for i in idx], pad_id=tokenizer.pad_token_id, layout=cfg.layout,
-                              method=cfg.method)
-            ref_mb = ref[idx].reshape(-1) if ref is not None else None  # (quads, 4) -> one per sequence
-            with DD.sync_gradients(objective, last=k == len(global_batches) - 1):
-                res = objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1),
-                                num_nll_tokens=max(num_nll, 1))
-                # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of
-                # the global mean, so their sum is wanted.
-                (res.loss * d.world if d.world > 1 else res.loss).backward()
-            # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
-            # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
-            share = (2 * len(idx) / num_pairs) if num_pairs else 0.0
-            for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
-                sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
-            tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step over the step's micro-batches; returns its metrics row."""
+    cfg, d, device, encoded = run.cfg, run.d, run.device, run.encoded
+    t0 = time.perf_counter()
+    global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
+    num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for k, mb in enumerate(global_batches):
+        idx = rank_share(mb, cfg, d.rank)
+        batch = data.collate([encoded[i] for i in idx], pad_id=run.tokenizer.pad_token_id, layout=cfg.layout,
+                             method=cfg.method)
+        ref_mb = run.ref[idx].reshape(-1) if run.ref is not None else None  # (quads, 4) -> one per sequence
+        with parallel.sync_gradients(run.objective, last=k == len(global_batches) - 1):
+            res = run.objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1), num_nll_tokens=max(num_nll, 1))
+            # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of
+            # the global mean, so their sum is wanted.
+            (res.loss * d.world if d.world > 1 else res.loss).backward()
+        # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
+        # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
+        share = (2 * len(idx) / num_pairs) if num_pairs else 0.0
+        for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
+            sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
+        tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
-        keys = sorted(sums)  # every rank's share of the step, summed in one all-reduce (the peak: a max)
-        totals = DD.all_reduce(torch.stack([torch.as_tensor(sums[key], dtype=torch.float32, device=device).reshape(())
-                                            for key in keys] + [torch.tensor(float(tokens), device=device)]), d)
-        peak = DD.all_reduce(torch.tensor(peak_memory_mb(device), device=device), d, op="max")
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
-               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
-               "step_s": dt, "peak_mem_mb": float(peak)}
-        if cfg.method == "sft":
-            row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}
-        if logger is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
-            logger.write(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
-                        tok_s=f"{row['tokens/s']:.0f}")
-        bar.update(1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
-            checkpoint(step=step + 1)
-    bar.close()
-    if start < cfg.max_steps:
-        checkpoint(step=cfg.max_steps)
-    summary = {"output_dir": str(out), "steps": cfg.max_steps, "final": row, "fingerprints": fingerprints,
-               "data": [r.summary() for r in reports], "world_size": d.world}
+    keys = sorted(sums)  # every rank's share of the step, summed in one all-reduce (the peak: a max)
+    values = [torch.as_tensor(sums[key], dtype=torch.float32, device=device).reshape(()) for key in keys]
+    totals = parallel.all_reduce(torch.stack(values + [torch.tensor(float(tokens), device=device)]), d)
+    peak = parallel.all_reduce(torch.tensor(peak_memory_mb(device), device=device), d, op="max")
+    dt = time.perf_counter() - t0
+    row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
+           "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
+           "step_s": dt, "peak_mem_mb": float(peak)}
+    if cfg.method == "sft":
+        row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}
+    return row
+
+
+def save_run_checkpoint(run: Run, *, step: int) -> None:
+    save_checkpoint(run.out, step=step, model=run.objective, optimizer=run.optimizer, scheduler=run.scheduler,
+                    cfg=run.cfg, fingerprints=run.fingerprints, device_type=run.device.type, d=run.d)
+
+
+def finish(run: Run, *, last_row: dict) -> dict:
+    """Cleanup: the last checkpoint, the final model, the metrics plot; returns the run's summary."""
+    cfg, d = run.cfg, run.d
+    if run.start < cfg.max_steps:
+        save_run_checkpoint(run, step=cfg.max_steps)
+    summary = {"output_dir": str(run.out), "steps": cfg.max_steps, "final": last_row,
+               "fingerprints": run.fingerprints, "data": [r.summary() for r in run.reports], "world_size": d.world}
     if cfg.save_final:
-        full = DD.full_model_state(objective) if cfg.fsdp else None  # a collective: every rank
+        full = parallel.full_model_state(run.objective) if cfg.fsdp else None  # a collective: every rank
         if d.main:
             # named_parameters lists a tied weight once, as save_pretrained's own state dict would
-            names = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+            names = {*dict(run.model.named_parameters()), *dict(run.model.named_buffers())}
             state = None
             if full is not None:
                 state = {n.removeprefix(_LM): w for n, w in full.items() if n.removeprefix(_LM) in names}
-            summary["final_model"] = str(save_final_model(model, tokenizer, out / "final", merge_lora=cfg.merge_lora,
-                                                          state_dict=state))
-    if logger is not None:
-        logger.close()
-        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+            summary["final_model"] = str(save_final_model(run.model, run.tokenizer, run.out / "final",
+                                                          merge_lora=cfg.merge_lora, state_dict=state))
+    if run.logger is not None:
+        run.logger.close()
+        plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
     return summary
 
 
@@ -773,7 +854,7 @@ def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool, state_di
     the full weights gathered from FSDP2 shards (the model itself then holds DTensors)."""
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
-    base = M.base_model(model)
+    base = base_model(model)
     if getattr(base, "hf_quantizer", None) is not None and base.hf_quantizer.quantization_config.quant_method == "gguf":
         # A model read from a .gguf is dequantised on load; the GGUF "quantizer" left attached is
         # not serialisable and save_pretrained refuses. The weights are plain tensors: drop it.

@@ -8,16 +8,20 @@ Importing this package needs only torch: Triton is loaded on the first impl="tri
 """
 
 from .from_logits import clo_loss_from_logits
-from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, quad_pairs, sequence_logps
+from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, sequence_logps
 from .objective import CLOOutput
 from .options import LogProbOptions
+from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLOOutput",
     "FusedLinearCLOLoss",
+    "LAYOUTS",
     "LogProbOptions",
+    "QUAD_SEQUENCES",
+    "QuadLayout",
     "clo_loss_from_logits",
     "fused_linear_clo_loss",
     "quad_pairs",

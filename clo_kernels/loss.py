@@ -208,13 +208,3 @@ class FusedLinearCLOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, nll_weight={self.nll_weight}, softcap={self.softcap}, shift={self.shift}, "
                 f"average_logps={self.average_logps}, impl={self.impl!r}")
-
-
-def quad_pairs(num_quads: int, device=None):
-    """chosen, rejected (2Q,) and nll_mask (4Q,) for the CLO quad order, sequences 4q..4q+3."""
-    q = torch.arange(num_quads, device=device) * 4
-    chosen = torch.stack([q, q + 2], 1).reshape(-1)
-    rejected = torch.stack([q + 1, q + 3], 1).reshape(-1)
-    nll_mask = torch.zeros(4 * num_quads, dtype=torch.bool, device=device)
-    nll_mask[2::4] = True
-    return chosen, rejected, nll_mask

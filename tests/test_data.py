@@ -254,3 +254,26 @@ def test_bundled_demo_set():
     de = [py3langid.classify(q.response_tgt)[0] for q in train + heldout]
     en = [py3langid.classify(q.response_en)[0] for q in train + heldout]
     assert de.count("de") >= 0.97 * len(de) and en.count("en") >= 0.97 * len(en), (Counter(de), Counter(en))
+
+
+def test_the_quad_layout_table():
+    """One table (clo_kernels.quad): every pair prefers the response in its prompt's language,
+    the NLL is on target-language responses to target prompts (sft: on both chosen ones), and
+    quad_pairs, Quad.sequences and the batches follow it."""
+    from clo_kernels.quad import LAYOUTS, QUAD_SEQUENCES, quad_pairs
+
+    for method, layout in LAYOUTS.items():
+        for c, r in layout.pairs:
+            (pc, rc), (pr, rr) = QUAD_SEQUENCES[layout.sequences[c]], QUAD_SEQUENCES[layout.sequences[r]]
+            assert pc == pr == rc != rr, method
+        for k in layout.nll_sequences:
+            prompt, response = QUAD_SEQUENCES[k]
+            assert prompt == response and (method == "sft" or response == "tgt"), method
+    assert not LAYOUTS["sft"].pairs and not LAYOUTS["dpo"].nll
+    chosen, rejected, nll_mask = quad_pairs(3)
+    assert chosen.tolist() == [0, 2, 4, 6, 8, 10] and rejected.tolist() == [1, 3, 5, 7, 9, 11]
+    assert nll_mask.tolist() == [k == 2 for _ in range(3) for k in range(4)]
+    c, r, m = LAYOUTS["sft"].batch(2)
+    assert c.numel() == r.numel() == 0 and m.tolist() == [True] * 4
+    assert QUAD.sequences() == ((QUAD.prompt_en, QUAD.response_en), (QUAD.prompt_en, QUAD.response_tgt),
+                                (QUAD.prompt_tgt, QUAD.response_tgt), (QUAD.prompt_tgt, QUAD.response_en))

@@ -45,9 +45,10 @@ try:
 except ImportError as err:
     raise ImportError(f"clo_kernels.integrations.trl needs TRL ({err}): pip install 'clo-kernels[trl]'") from err
 
-from .. import _inputs as I
-from ..loss import fused_linear_clo_loss, quad_pairs, sequence_logps
+from .. import _inputs
+from ..loss import fused_linear_clo_loss, sequence_logps
 from ..options import LogProbOptions
+from ..quad import QUAD_SEQUENCES, quad_pairs
 from . import hf
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class FusedDPOTrainer(DPOTrainer):
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
         given = _bind(model, *args, **kwargs)
         cfg = given["args"] or DPOConfig(output_dir="trainer_output")
-        I.check_impl(impl)
+        _inputs.check_impl(impl)
         if options is not None and not isinstance(options, LogProbOptions):
             raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
         bad = self._config_problems(cfg)
@@ -302,7 +303,7 @@ class CLOTrainer(FusedDPOTrainer):
             given["args"] = CLOConfig(output_dir="trainer_output")
         elif not isinstance(given["args"], CLOConfig):
             raise TypeError(f"CLOTrainer needs args=CLOConfig(...), got {type(given['args']).__name__}")
-        I.check_scalars(beta=given["args"].beta, nll_weight=given["args"].nll_weight, softcap=None)
+        _inputs.check_scalars(beta=given["args"].beta, nll_weight=given["args"].nll_weight, softcap=None)
         tok = given["processing_class"]
         if tok is None:
             raise ValueError("CLOTrainer needs processing_class (the tokenizer whose chat template encodes the quads)")
@@ -326,7 +327,7 @@ class CLOTrainer(FusedDPOTrainer):
         return inputs["labels"]
 
     def _layout(self, num_seqs: int, device):
-        chosen, rejected, nll_mask = quad_pairs(num_seqs // 4, device=device)
+        chosen, rejected, nll_mask = quad_pairs(num_seqs // len(QUAD_SEQUENCES), device=device)
         return chosen, rejected, nll_mask if self._nll_weight > 0 else None
 
     @staticmethod
@@ -376,7 +377,8 @@ class CLOTrainer(FusedDPOTrainer):
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
         model, rows = self.ref_model or self.model, []
         for batch in tqdm(loader, desc=f"reference log-probs ({name})"):
-            rows.append(self.accelerator.gather_for_metrics(self._reference_logps(model, batch).view(-1, 4)).cpu())
+            logps = self._reference_logps(model, batch).view(-1, len(QUAD_SEQUENCES))
+            rows.append(self.accelerator.gather_for_metrics(logps).cpu())
         return dataset.add_column("ref_logps", torch.cat(rows).tolist())
 
     def compute_ref_log_probs(self, model, inputs):
