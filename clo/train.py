@@ -282,7 +282,7 @@ class Objective(nn.Module):
         split = self.split
         if logps_only:
             return batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
-        if ref_logps is None and self.cfg.method != "sft":  # --ref online: the LoRA model, adapters off
+        if ref_logps is None and ck.LAYOUTS[self.cfg.method].pairs:  # --ref online: the LoRA model, adapters off
             with self.lm.disable_adapter():
                 ref_logps = batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
         return micro_step_loss(split, batch, cfg=self.cfg, ref_logps=ref_logps, num_pairs=num_pairs,
@@ -780,6 +780,7 @@ def setup_optimizer(run: Run) -> None:
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step over the step's micro-batches; returns its metrics row."""
     cfg, d, device, encoded = run.cfg, run.d, run.device, run.encoded
+    pairs_per_quad = len(ck.LAYOUTS[cfg.method].pairs)
     t0 = time.perf_counter()
     global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
     num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
@@ -797,7 +798,7 @@ def train_step(run: Run, step: int) -> dict:
             (res.loss * d.world if d.world > 1 else res.loss).backward()
         # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
         # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
-        share = (2 * len(idx) / num_pairs) if num_pairs else 0.0
+        share = (pairs_per_quad * len(idx) / num_pairs) if num_pairs else 0.0
         for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
             sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
         tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
@@ -816,7 +817,7 @@ def train_step(run: Run, step: int) -> dict:
     row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
            "step_s": dt, "peak_mem_mb": float(peak)}
-    if cfg.method == "sft":
+    if not pairs_per_quad:  # sft: no pair metrics
         row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}
     return row
 
