@@ -1,0 +1,47 @@
+"""The recipe table from the runs' eval.json files: python table.py (from this folder)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from clo.evaluate import loops, repeated_trigrams  # noqa: E402
+
+RUNS = [("base", "-"), ("default", "(none)"), ("lr3e-5", "--lr 3e-5"), ("beta0.5", "--beta 0.5"),
+        ("nll0.2", "--nll-weight 0.2"), ("nll0.8", "--nll-weight 0.8"), ("sft", "--method sft"),
+        ("clo-half", "--max-quads 96"), ("avg", "--average-logps"), ("lora", "--trainable lora")]
+DEFAULT = Path(__file__).parent.parent / "2026-12-01_cpu_demo_quality" / "eval.json"
+
+
+def result(name):
+    path = DEFAULT if name == "default" else Path(__file__).parent / name / "eval.json"
+    return json.loads(path.read_text())["model"] if path.exists() else None
+
+
+def german_only(samples):
+    """Repeated-trigram share and loops among the target-prompt answers that are in German."""
+    de = [s for s in samples if s["kind"] == "target" and s["lang"] == "de"]
+    rep = tot = 0
+    for s in de:
+        r, t = repeated_trigrams(s["response"])
+        rep, tot = rep + r, tot + t
+    return len(de), rep / max(tot, 1), sum(loops(s["response"]) for s in de)
+
+
+base = result("base")
+print("| run | flags | de prompts in de | en prompts in en | de NLL | en NLL (vs base) | repeated trigrams, de answers "
+      "| looping / echoing de answers | among the answers in German: n, repeated trigrams, looping "
+      "| repeated trigrams, en answers | looping en answers |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for name, flags in RUNS:
+    r = result(name)
+    if r is None:
+        continue
+    q = r["quality"]
+    en = r["english_heldout_nll"]
+    rel = "" if name == "base" else f" ({100 * (en / base['english_heldout_nll'] - 1):+.1f}%)"
+    n, rep, lp = german_only(r["samples"])
+    print(f"| {name} | `{flags}` | {100 * r['target_fidelity']:.1f}% | {100 * r['english_fidelity']:.1f}% "
+          f"| {r['heldout_nll']:.3f} | {en:.3f}{rel} | {q['target']['repeated_trigram_share']:.3f} "
+          f"| {q['target']['looping']} / {q['target']['echoing']} | {n}, {rep:.3f}, {lp} "
+          f"| {q['english']['repeated_trigram_share']:.3f} | {q['english']['looping']} |")
