@@ -19,7 +19,7 @@ from .errors import UserError
 
 
 def _train_config():
-    from .train import TrainConfig  # torch and transformers load with it: only when a command needs them
+    from .train import TrainConfig  # imported when the parser is built: its fields are the flags
 
     return TrainConfig
 
@@ -133,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
 
         extra = {k: vars(args).pop(k) for k in ("max_new_tokens", "limit") if hasattr(args, k)}
         ecfg = dataclasses.replace(EvalConfig(), **extra)
+        if ecfg.max_new_tokens < 1 or (ecfg.limit is not None and ecfg.limit < 1):  # before three trainings
+            raise UserError(f"--max-new-tokens and --limit must be >= 1, got {ecfg.max_new_tokens} and {ecfg.limit}")
         cfg = options.from_args(TrainConfig, args, config=args.config)
         if cfg.output_dir == TrainConfig.output_dir:  # not chosen: not the folder `clo train` uses
             cfg = dataclasses.replace(cfg, output_dir="runs/compare")

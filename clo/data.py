@@ -519,7 +519,7 @@ def _eos(tokenizer) -> list[int]:
 
 def encode_quads(tokenizer, quads: list[Quad], *, max_length: int, on_bad_row: str = "error",
                  source: str = "quads", progress: bool = False) -> tuple[list[Encoded], DataReport]:
-    """Tokenise quads into the four CLO sequences each (see the module docstring)."""
+    """Tokenise quads into their four sequences each, in the order of ``clo_kernels.quad.QUAD_SEQUENCES``."""
     from tqdm.auto import tqdm
 
     _check_on_bad_row(on_bad_row)

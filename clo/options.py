@@ -45,6 +45,9 @@ def add_args(parser: argparse.ArgumentParser, cls, *, only: tuple[str, ...] | No
     """One flag per field of ``cls`` (or of the fields in ``only``): ``max_steps`` ->
     ``--max-steps``. The argparse default is SUPPRESS, so that only the flags given override a
     YAML file and the dataclass defaults stay the one source of defaults."""
+    unknown = set(only or ()) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option(s) {sorted(unknown)}")
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue

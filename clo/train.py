@@ -114,7 +114,7 @@ class TrainConfig:
                              choices=("skip", "error"))
     # optimisation (the defaults are the embedded demo's; its times: benchmarks/results/README.md)
     max_steps: int = option(60, "optimizer steps")
-    batch_quads: int = option(2, "quads per micro-batch (4 sequences each)")
+    batch_quads: int = option(2, "quads per micro-batch (4 sequences each; 2 with --method sft)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float = option(1e-4, "peak learning rate")
     optimizer: str = option("adamw", "adamw, or sgd (momentum 0.9; its update is linear in the gradient)",
@@ -297,13 +297,13 @@ def reference_logps(objective: nn.Module, encoded: list[data.Encoded], *, cfg: T
     from tqdm.auto import tqdm
 
     out = torch.empty(len(encoded), len(ck.QUAD_SEQUENCES))
-    bs = max(cfg.batch_quads, 4)
+    bs = max(cfg.batch_quads, 4)  # quads per no-grad batch: at least 4, the pass keeps no activations
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].longest)
     show = cfg.progress if progress is None else progress
     for start in tqdm(range(0, len(encoded), bs), desc=desc, disable=not show, leave=False):
         idx = order[start:start + bs]
         batch = data.collate([encoded[i] for i in idx], pad_id=0, layout=cfg.layout)
-        out[idx] = objective(batch, logps_only=True).cpu().view(out[idx].shape)
+        out[idx] = objective(batch, logps_only=True).cpu().view(len(idx), -1)
     return out
 
 
@@ -790,7 +790,8 @@ def train_step(run: Run, step: int) -> dict:
         idx = rank_share(mb, cfg, d.rank)
         batch = data.collate([encoded[i] for i in idx], pad_id=run.tokenizer.pad_token_id, layout=cfg.layout,
                              method=cfg.method)
-        ref_mb = run.ref[idx].reshape(-1) if run.ref is not None else None  # (quads, 4) -> one per sequence
+        # (quads, 4) -> one per sequence the method feeds the model
+        ref_mb = run.ref[idx][:, list(ck.LAYOUTS[cfg.method].sequences)].reshape(-1) if run.ref is not None else None
         with parallel.sync_gradients(run.objective, last=k == len(global_batches) - 1):
             res = run.objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1), num_nll_tokens=max(num_nll, 1))
             # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of

@@ -48,9 +48,10 @@ class QuadLayout:
         return chosen, rejected, nll_mask.reshape(-1)
 
 
+# pairs and nll index the method's own sequences (positions in ``sequences``), as the batch does.
 LAYOUTS = {
     "clo": QuadLayout(sequences=(0, 1, 2, 3), pairs=((0, 1), (2, 3)), nll=(2,)),
-    "sft": QuadLayout(sequences=(0, 2), pairs=(), nll=(0, 1)),  # the paper's baseline: both chosen responses
+    "sft": QuadLayout(sequences=(0, 2), pairs=(), nll=(0, 1)),  # k = 0 and 2: both chosen responses
     "dpo": QuadLayout(sequences=(0, 1, 2, 3), pairs=((0, 1), (2, 3)), nll=()),
 }
 

@@ -57,6 +57,12 @@ def test_eval_without_a_model(tmp_path):
     assert "no --model and no trained model in" in one_line_error(proc, "eval")
 
 
+def test_compare_refuses_bad_evaluation_options_before_training(tmp_path):
+    proc = clo("compare", "--max-new-tokens", "0", "--output-dir", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert "--max-new-tokens and --limit must be >= 1" in one_line_error(proc, "compare")
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
     import clo.train as T
     from clo.cli import main

@@ -48,7 +48,7 @@ except ImportError as err:
 from .. import _inputs
 from ..loss import fused_linear_clo_loss, sequence_logps
 from ..options import LogProbOptions
-from ..quad import QUAD_SEQUENCES, quad_pairs
+from ..quad import LAYOUTS, quad_pairs
 from . import hf
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ class CLOTrainer(FusedDPOTrainer):
         return inputs["labels"]
 
     def _layout(self, num_seqs: int, device):
-        chosen, rejected, nll_mask = quad_pairs(num_seqs // len(QUAD_SEQUENCES), device=device)
+        chosen, rejected, nll_mask = quad_pairs(num_seqs // len(LAYOUTS["clo"].sequences), device=device)
         return chosen, rejected, nll_mask if self._nll_weight > 0 else None
 
     @staticmethod
@@ -377,7 +377,7 @@ class CLOTrainer(FusedDPOTrainer):
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
         model, rows = self.ref_model or self.model, []
         for batch in tqdm(loader, desc=f"reference log-probs ({name})"):
-            logps = self._reference_logps(model, batch).view(-1, len(QUAD_SEQUENCES))
+            logps = self._reference_logps(model, batch).view(-1, len(LAYOUTS["clo"].sequences))
             rows.append(self.accelerator.gather_for_metrics(logps).cpu())
         return dataset.add_column("ref_logps", torch.cat(rows).tolist())
 
