@@ -17,6 +17,8 @@ from pathlib import Path
 from . import options
 from .errors import UserError
 
+COMPARE_EVAL_OPTIONS = ("max_new_tokens", "limit")  # the EvalConfig options `clo compare` takes
+
 
 def _train_config():
     from .train import TrainConfig  # imported when the parser is built: its fields are the flags
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "(default --output-dir runs/compare).")
     p_cmp.add_argument("--config", help="YAML file of training options; command-line flags override it")
     options.add_args(p_cmp, _train_config())
-    options.add_args(p_cmp, _eval_config(), only=("max_new_tokens", "limit"), help_prefix="evaluation: ")
+    options.add_args(p_cmp, _eval_config(), only=COMPARE_EVAL_OPTIONS, help_prefix="evaluation: ")
 
     p_gen = sub.add_parser("generate", help="a model's answers to your prompts (base and trained side by side)",
                            description="Answer prompts with a trained model (greedy by default), optionally next "
@@ -131,8 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluate import EvalConfig
         from .train import TrainConfig
 
-        extra = {k: vars(args).pop(k) for k in ("max_new_tokens", "limit") if hasattr(args, k)}
-        ecfg = dataclasses.replace(EvalConfig(), **extra)
+        ecfg = EvalConfig(**{k: getattr(args, k) for k in COMPARE_EVAL_OPTIONS if hasattr(args, k)})
         if ecfg.max_new_tokens < 1 or (ecfg.limit is not None and ecfg.limit < 1):  # before three trainings
             raise UserError(f"--max-new-tokens and --limit must be >= 1, got {ecfg.max_new_tokens} and {ecfg.limit}")
         cfg = options.from_args(TrainConfig, args, config=args.config)

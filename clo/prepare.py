@@ -25,7 +25,7 @@ def load_english(source: str, *, limit: int | None, prompt_field: str | None, re
                  on_bad_row: str) -> tuple[list[dict], data.DataReport]:
     if Path(source).suffix.lower() in (".jsonl", ".json", ".parquet"):
         return data.load_sft_rows(source, prompt_field=prompt_field, response_field=response_field, limit=limit,
-                               on_bad_row=on_bad_row)
+                                  on_bad_row=on_bad_row)
     return data.load_hf_sft(source, limit=limit, on_bad_row=on_bad_row)
 
 

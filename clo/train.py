@@ -62,7 +62,7 @@ from .model import (
 from .options import check_choices, option
 
 log = logging.getLogger("clo.train")
-METHODS = ("clo", "sft", "dpo")
+METHODS = tuple(ck.LAYOUTS)  # clo, sft, dpo: the methods the quad layout table knows
 OPTIMIZERS = ("adamw", "sgd")
 # Options a resumed run may change: where and how it runs and logs, not what it computes.
 # Every other option must equal the checkpoint's (max_steps may grow; model and data are
@@ -143,6 +143,11 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log to <output-dir>/tensorboard (needs the tensorboard package)")
     progress: bool = option(True, "show progress bars")
     save_final: bool = option(True, "save the final model to <output-dir>/final")
+
+    @property
+    def quad_layout(self) -> ck.QuadLayout:
+        """The method's sequences, pairs and NLL sequences (clo_kernels.quad)."""
+        return ck.LAYOUTS[self.method]
 
     def check(self) -> None:
         """Bad options fail here, named, before a model is loaded."""
@@ -282,7 +287,7 @@ class Objective(nn.Module):
         split = self.split
         if logps_only:
             return batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
-        if ref_logps is None and ck.LAYOUTS[self.cfg.method].pairs:  # --ref online: the LoRA model, adapters off
+        if ref_logps is None and self.cfg.quad_layout.pairs:  # --ref online: the LoRA model, adapters off
             with self.lm.disable_adapter():
                 ref_logps = batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
         return micro_step_loss(split, batch, cfg=self.cfg, ref_logps=ref_logps, num_pairs=num_pairs,
@@ -568,7 +573,7 @@ def load_training_quads(cfg: TrainConfig) -> tuple[list[data.Quad], data.DataRep
 
 def encode_training_quads(cfg: TrainConfig, quads: list[data.Quad], report: data.DataReport, tokenizer):
     encoded, enc_report = data.encode_quads(tokenizer, quads, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row,
-                                         source=f"tokenising {report.source}")
+                                            source=f"tokenising {report.source}")
     if not encoded:
         raise data.DataError(f"no usable quads: {report.summary()}; {enc_report.summary()}")
     return encoded, [report, enc_report]
@@ -652,8 +657,8 @@ def _train(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> dict:
     replaced = _on_rank0(lambda: check_output_dir(cfg, world=d.world, device_type=device.type), d)
     run = setup_model_and_data(cfg, d, device)
     setup_objective(run)
-    seen = sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, len(run.encoded),
-                                                                                 world=d.world) for i in mb})
+    seen = sorted({i for step in range(cfg.max_steps)
+                   for mb in micro_batches(step, cfg, len(run.encoded), world=d.world) for i in mb})
     start_output_dir(run, replaced=replaced, seen=seen)
     setup_reference(run, seen=seen)
     setup_optimizer(run)
@@ -744,7 +749,7 @@ def start_output_dir(run: Run, *, replaced: list[str], seen: list[int]) -> None:
 def setup_reference(run: Run, *, seen: list[int]) -> None:
     """Setup 4: the reference log-probs of the quads the run will see, while the model is still
     the base model (LoRA's B starts at zero); none for sft or --ref online."""
-    if ck.LAYOUTS[run.cfg.method].pairs and run.cfg.ref == "precompute":
+    if run.cfg.quad_layout.pairs and run.cfg.ref == "precompute":
         run.objective.eval()
         run.ref = cached_reference(run.objective, run.encoded, seen, cfg=run.cfg, fingerprints=run.fingerprints,
                                    d=run.d, device=run.device)
@@ -780,7 +785,7 @@ def setup_optimizer(run: Run) -> None:
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step over the step's micro-batches; returns its metrics row."""
     cfg, d, device, encoded = run.cfg, run.d, run.device, run.encoded
-    pairs_per_quad = len(ck.LAYOUTS[cfg.method].pairs)
+    layout = cfg.quad_layout
     t0 = time.perf_counter()
     global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
     num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
@@ -791,7 +796,7 @@ def train_step(run: Run, step: int) -> dict:
         batch = data.collate([encoded[i] for i in idx], pad_id=run.tokenizer.pad_token_id, layout=cfg.layout,
                              method=cfg.method)
         # (quads, 4) -> one per sequence the method feeds the model
-        ref_mb = run.ref[idx][:, list(ck.LAYOUTS[cfg.method].sequences)].reshape(-1) if run.ref is not None else None
+        ref_mb = run.ref[idx][:, list(layout.sequences)].reshape(-1) if run.ref is not None else None
         with parallel.sync_gradients(run.objective, last=k == len(global_batches) - 1):
             res = run.objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1), num_nll_tokens=max(num_nll, 1))
             # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of
@@ -799,7 +804,7 @@ def train_step(run: Run, step: int) -> dict:
             (res.loss * d.world if d.world > 1 else res.loss).backward()
         # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
         # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
-        share = (pairs_per_quad * len(idx) / num_pairs) if num_pairs else 0.0
+        share = (len(layout.pairs) * len(idx) / num_pairs) if num_pairs else 0.0
         for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
             sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
         tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
@@ -818,7 +823,7 @@ def train_step(run: Run, step: int) -> dict:
     row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
            "step_s": dt, "peak_mem_mb": float(peak)}
-    if not pairs_per_quad:  # sft: no pair metrics
+    if not layout.pairs:  # sft: no pair metrics
         row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}
     return row
 

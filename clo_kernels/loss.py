@@ -60,7 +60,7 @@ def prepare_clo_batch(hidden, labels, *, vocab_size, chosen, rejected, nll_mask,
     if num_seqs is None:
         num_seqs = _inputs.infer_num_seqs(hidden, nll_mask, ref_logps)
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
-                            shift=shift, ignore_index=ignore_index, validate=validate)
+                                  shift=shift, ignore_index=ignore_index, validate=validate)
     device = hidden.device
     _inputs.check_pairs(chosen, rejected, num_seqs=batch.num_seqs, device=device, validate=validate)
     _inputs.check_seq_tensor("nll_mask", nll_mask, num_seqs=batch.num_seqs, device=device, kind="bool")
@@ -102,7 +102,7 @@ def sequence_logps(
     _inputs.check_softcap(softcap)
     _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
-                            shift=shift, ignore_index=ignore_index, validate=validate)
+                                  shift=shift, ignore_index=ignore_index, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
     return sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs, average=average)[0]
