@@ -134,8 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         from .train import TrainConfig
 
         ecfg = EvalConfig(**{k: getattr(args, k) for k in COMPARE_EVAL_OPTIONS if hasattr(args, k)})
-        if ecfg.max_new_tokens < 1 or (ecfg.limit is not None and ecfg.limit < 1):  # before three trainings
-            raise UserError(f"--max-new-tokens and --limit must be >= 1, got {ecfg.max_new_tokens} and {ecfg.limit}")
+        ecfg.check()
         cfg = options.from_args(TrainConfig, args, config=args.config)
         if cfg.output_dir == TrainConfig.output_dir:  # not chosen: not the folder `clo train` uses
             cfg = dataclasses.replace(cfg, output_dir="runs/compare")
@@ -155,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluate import EvalConfig, run_eval
 
         cfg = options.from_args(EvalConfig, args)
+        cfg.check()
         model = _trained_model(cfg)
         baseline = cfg.baseline if cfg.baseline is not None else _run_base_model(cfg)
         baseline = None if baseline in ("none", "") else baseline

@@ -57,6 +57,15 @@ class EvalConfig:
     include_trained: bool = option(False, "score rows the evaluated run trained on (refused by default: they are "
                                    "not held out); the report flags them")
 
+    def check(self) -> None:
+        """Bad values fail here, named, before a model is loaded (and, in `clo compare`, before
+        three trainings)."""
+        bad = [f"--{name.replace('_', '-')} must be >= 1, got {value}"
+               for name, value in (("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size),
+                                   ("limit", self.limit)) if value is not None and value < 1]
+        if bad:
+            raise UserError("; ".join(bad))
+
 # ----------------------------------------------------------------------------------------------
 # Language identification
 

@@ -59,8 +59,14 @@ def test_eval_without_a_model(tmp_path):
 
 def test_compare_refuses_bad_evaluation_options_before_training(tmp_path):
     proc = clo("compare", "--max-new-tokens", "0", "--output-dir", str(tmp_path / "cmp"), cwd=tmp_path)
-    assert "--max-new-tokens and --limit must be >= 1" in one_line_error(proc, "compare")
+    assert "--max-new-tokens must be >= 1, got 0" in one_line_error(proc, "compare")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_eval_refuses_bad_options_before_loading_a_model(tmp_path):
+    # No model exists in the run folder: the option error must come first.
+    proc = clo("eval", "--max-new-tokens", "0", "--limit", "0", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert "--max-new-tokens must be >= 1, got 0; --limit must be >= 1, got 0" in one_line_error(proc, "eval")
 
 
 def test_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
