@@ -73,6 +73,8 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
+    if (Path(path) / "adapter_config.json").is_file():
+        return _load_adapter(Path(path), dtype=dtype, device=device, empty=empty)
     kwargs = {}
     if path.endswith(".gguf"):
         if importlib.util.find_spec("gguf") is None:
@@ -85,6 +87,26 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **kwargs)).to(dtype).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_adapter(path: Path, *, dtype: torch.dtype, device: str | torch.device, empty: bool):
+    """A LoRA run's final/ folder saved without --merge-lora: its base model, loaded as any spec
+    is (a .gguf too, which peft's own loading cannot read), with the adapters merged in."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path / 'adapter_config.json'} names no base model (base_model_name_or_path)")
+    model, _ = load_model(base, dtype=dtype, device=device, empty=empty)
+    if not empty:  # the architecture is the base model's: empty ranks take the merged weights from rank 0
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -237,6 +237,46 @@ def test_lora_with_online_reference_saves_a_loadable_model(llama_dir, tmp_path):
     assert not torch.equal(model.state_dict()[q], base.state_dict()[q])
 
 
+def test_unmerged_lora_final_model_loads_on_its_base(llama_dir, tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = train(train_config(llama_dir, tmp_path, trainable="lora", lora_r=4, max_steps=3, lr=1e-2,
+                                 save_final=True))
+    final = Path(summary["final_model"])
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llama_dir)
+    model, _ = M.load_model(str(final))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(final)).merge_and_unload()
+    for n, w in merged.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[n], w, rtol=0, atol=0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[q], AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()[q])
+
+
+def test_unmerged_lora_on_the_embedded_gguf_model_loads(tmp_path):
+    # peft alone would look for the base in the .gguf's folder and fail: the folder records the
+    # .gguf and load_model dequantises it before adding the adapters.
+    from trainer_fixtures import smollm2_skip_reason
+
+    if smollm2_skip_reason():
+        pytest.skip(smollm2_skip_reason())
+    pytest.importorskip("peft")
+    model, tok = M.load_model(None)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    base_q = model.state_dict()[q].clone()
+    lora = M.select_trainable(model, "lora", lora_r=2, lora_alpha=2)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    T.save_final_model(lora, tok, tmp_path / "final", merge_lora=False, base=M.resolve_model(None))
+    loaded, _ = M.load_model(str(tmp_path / "final"))
+    a = dict(lora.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    torch.testing.assert_close(loaded.state_dict()[q], base_q + 0.01 * a.sum(0, keepdim=True).expand_as(base_q))
+
+
 def test_reference_cache_is_reused(llama_dir, tmp_path, monkeypatch):
     cfg = train_config(llama_dir, tmp_path, max_steps=1)
     train(cfg)
