@@ -103,12 +103,13 @@ def _load_adapter(path: Path, *, dtype: torch.dtype, device: str | torch.device,
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{path / 'adapter_config.json'} names no base model (base_model_name_or_path)")
-    model, _ = load_model(base, dtype=dtype, device=device, empty=empty)
+    model, tokenizer = load_model(base, dtype=dtype, device=device, empty=empty)
     if not empty:  # the architecture is the base model's: empty ranks take the merged weights from rank 0
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if (path / "tokenizer_config.json").is_file():  # clo train saves it; other adapter folders may not
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
