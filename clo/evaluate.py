@@ -66,6 +66,7 @@ class EvalConfig:
         if bad:
             raise UserError("; ".join(bad))
 
+
 # ----------------------------------------------------------------------------------------------
 # Language identification
 

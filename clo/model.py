@@ -8,6 +8,7 @@ The fused loss never calls the model's lm_head: it takes the backbone's final hi
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
 def _load_adapter(path: Path, *, dtype: torch.dtype, device: str | torch.device, empty: bool):
     """A LoRA run's final/ folder saved without --merge-lora: its base model, loaded as any spec
     is (a .gguf too, which peft's own loading cannot read), with the adapters merged in."""
-    import json
-
     from peft import PeftModel
     from transformers import AutoTokenizer
 

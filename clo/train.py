@@ -851,7 +851,7 @@ def finish(run: Run, *, last_row: dict) -> dict:
                 state = {n.removeprefix(_LM): w for n, w in full.items() if n.removeprefix(_LM) in names}
             summary["final_model"] = str(save_final_model(run.model, run.tokenizer, run.out / "final",
                                                           merge_lora=cfg.merge_lora, state_dict=state,
-                                                          base=resolve_model(cfg.model)))
+                                                          base_spec=resolve_model(cfg.model)))
     if run.logger is not None:
         run.logger.close()
         plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")
@@ -859,15 +859,16 @@ def finish(run: Run, *, last_row: dict) -> dict:
 
 
 def save_final_model(model, tokenizer, path: Path, *, merge_lora: bool, state_dict: dict | None = None,
-                     base: str | None = None) -> Path:
+                     base_spec: str | None = None) -> Path:
     """save_pretrained output that clo.model.load_model loads (AutoModelForCausalLM too, but for
     unmerged adapters on a .gguf base). ``state_dict``: the full weights gathered from FSDP2
-    shards (the model itself then holds DTensors). ``base``: the spec the model was loaded from,
-    recorded as an adapter folder's base model (peft would record the .gguf's folder)."""
+    shards (the model itself then holds DTensors). ``base_spec``: the spec the model was loaded
+    from, recorded as an adapter folder's base model (peft would record the .gguf's folder)."""
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = model.merge_and_unload()
-    for peft_config in getattr(model, "peft_config", {}).values():
-        peft_config.base_model_name_or_path = base or peft_config.base_model_name_or_path
+    if base_spec is not None:
+        for peft_config in getattr(model, "peft_config", {}).values():
+            peft_config.base_model_name_or_path = base_spec
     base = base_model(model)
     if getattr(base, "hf_quantizer", None) is not None and base.hf_quantizer.quantization_config.quant_method == "gguf":
         # A model read from a .gguf is dequantised on load; the GGUF "quantizer" left attached is

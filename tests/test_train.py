@@ -271,7 +271,7 @@ def test_unmerged_lora_on_the_embedded_gguf_model_loads(tmp_path):
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.01)
-    T.save_final_model(lora, tok, tmp_path / "final", merge_lora=False, base=M.resolve_model(None))
+    T.save_final_model(lora, tok, tmp_path / "final", merge_lora=False, base_spec=M.resolve_model(None))
     loaded, _ = M.load_model(str(tmp_path / "final"))
     a = dict(lora.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
     torch.testing.assert_close(loaded.state_dict()[q], base_q + 0.01 * a.sum(0, keepdim=True).expand_as(base_q))
