@@ -73,10 +73,10 @@ def run_steps(*, arch, device, loss_impl, quads, seq_len, steps, grad_checkpoint
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     split = M.split_lm(model)
-    cfg = T.TrainConfig(loss_impl=loss_impl, batch_quads=quads)
+    cfg = T.TrainConfig(loss_impl=loss_impl, batch_quads=quads, unlikelihood=0.0)  # the CLO loss paths alone
     encoded = random_quads(quads, seq_len, ARCHS[arch]["vocab_size"])
     batch = D.collate(encoded, pad_id=0, layout="packed")
-    pairs, nll = T.denominators([encoded], "clo")
+    den = T.denominators([encoded], "clo")
     ref = torch.zeros(4 * quads)
     opt = torch.optim.AdamW(M.trainable_parameters(model).values(), lr=1e-5, fused=device == "cuda")
     amp = torch.bfloat16 if device == "cuda" else None
@@ -88,8 +88,7 @@ def run_steps(*, arch, device, loss_impl, quads, seq_len, steps, grad_checkpoint
     for i in range(steps + 1):
         sync()
         t0 = time.perf_counter()
-        out = T.micro_step_loss(split, batch, cfg=cfg, ref_logps=ref, num_pairs=pairs, num_nll_tokens=nll,
-                                amp_dtype=amp)
+        out = T.micro_step_loss(split, batch, cfg=cfg, ref_logps=ref, den=den, amp_dtype=amp)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

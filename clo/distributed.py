@@ -8,7 +8,7 @@ How the work is split, and why:
 
 - Data. Every rank reads and tokenises the whole data set (small next to the model) and takes
   a contiguous slice of each global micro-batch, whose order is a pure function of (seed,
-  epoch). So every rank knows the step's global denominators (pairs, NLL tokens) without a
+  epoch). So every rank knows the step's global denominators (pairs, token counts) without a
   collective, and N ranks x ``batch_quads`` b see exactly the quads of one process with
   ``batch_quads`` N*b.
 - Gradients. Each rank's loss is its share of the global mean (global denominators), so the

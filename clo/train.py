@@ -7,6 +7,7 @@ Each optimizer step (Lee et al., ACL 2025):
 
     loss = nll_weight * NLL(y_tgt | x_tgt) + (1 - nll_weight) * DPO over the quad's two pairs
            (x_en: y_en > y_tgt, x_tgt: y_tgt > y_en), reference = the frozen base model
+           + unlikelihood * UL(y_en | x_en, y_tgt | x_tgt)    (against loops; 0 turns it off)
 
 1. Reference log-probs come from one no-grad pass of the base model before training,
    cached on disk under the model's and the data's fingerprints, so no second model sits in
@@ -14,7 +15,7 @@ Each optimizer step (Lee et al., ACL 2025):
 2. The backbone's final hidden states and the lm_head weight go straight into
    ``clo_kernels.fused_linear_clo_loss``: the [tokens x vocab] logits are never built.
 3. Micro-batches of whole quads accumulate into one step. The loss is normalised by the
-   step's total pair count and NLL-token count (global denominators), so accumulating k
+   step's total pair count and token counts (global denominators), so accumulating k
    micro-batches gives the gradients of one k-times-larger batch.
 4. Checkpoints hold the trainable weights, optimizer, scheduler and RNG; the data order is a
    pure function of (seed, epoch), so --resume continues the exact loss trajectory.
@@ -104,6 +105,8 @@ class TrainConfig:
     beta: float = option(0.1, "DPO temperature")
     nll_weight: float = option(0.5, "lambda: weight of the target-language NLL; the pair term gets 1 - lambda")
     average_logps: bool = option(False, "use mean instead of summed token log-probs per sequence")
+    unlikelihood: float = option(1.0, "weight of token-level unlikelihood on the chosen responses (Welleck et al. "
+                                 "2020): pushes down tokens a response already used, against loops; 0: off")
     # data
     max_length: int = option(256, "tokens per sequence; longer responses are cut, prompts that do not fit are bad "
                              "rows")
@@ -164,6 +167,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(0.0 <= self.nll_weight <= 1.0, f"nll_weight must lie in [0, 1], got {self.nll_weight}")
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        need(self.unlikelihood >= 0, f"unlikelihood must be >= 0, got {self.unlikelihood}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.warmup_steps >= 0 and self.save_every >= 0, "warmup_steps and save_every must be >= 0")
         need(self.dist_timeout_min > 0, f"dist_timeout_min must be > 0, got {self.dist_timeout_min}")
@@ -214,12 +218,22 @@ def loss_layout(method: str, num_quads: int, nll_weight: float):
     return chosen, rejected, nll_mask if layout.nll else None, weight
 
 
-def denominators(batches: list[list[data.Encoded]], method: str) -> tuple[int, int]:
-    """(pairs, NLL tokens) of a whole optimizer step (every micro-batch, every rank): the loss's
-    global denominators."""
+@dataclass(frozen=True)
+class Denominators:
+    """A whole optimizer step's counts (every micro-batch, every rank): the loss terms' global
+    denominators. Each is at least 1, so a step without such terms divides nothing by zero."""
+
+    pairs: int
+    nll_tokens: int
+    positive_tokens: int  # the unlikelihood term's
+
+
+def denominators(batches: list[list[data.Encoded]], method: str) -> Denominators:
     quads = [e for b in batches for e in b]
     layout = ck.LAYOUTS[method]
-    return len(layout.pairs) * len(quads), sum(data.response_tokens(e, layout.nll_sequences) for e in quads)
+    return Denominators(pairs=max(len(layout.pairs) * len(quads), 1),
+                        nll_tokens=max(sum(data.response_tokens(e, layout.nll_sequences) for e in quads), 1),
+                        positive_tokens=max(sum(data.response_tokens(e, layout.positive_sequences) for e in quads), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,19 +257,28 @@ def head_inputs(split: SplitLM, batch: dict, *, amp_dtype) -> dict:
             "seq_ids": batch["seq_ids"].to(device) if packed else None}
 
 
-def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, num_pairs, num_nll_tokens,
-                    amp_dtype):
-    """The fused CLO loss of one collated micro-batch; the logits are never materialised."""
+def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, den: Denominators, amp_dtype):
+    """The fused CLO loss of one collated micro-batch, plus ``cfg.unlikelihood`` times the
+    unlikelihood of its positive responses; the logits are never materialised."""
     args = head_inputs(split, batch, amp_dtype=amp_dtype)
-    device = args["weight"].device
-    chosen, rejected, nll_mask, nll_weight = loss_layout(cfg.method, len(batch["quad_ids"]), cfg.nll_weight)
-    return ck.fused_linear_clo_loss(
-        args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args,
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    device, num_quads = weight.device, len(batch["quad_ids"])
+    chosen, rejected, nll_mask, nll_weight = loss_layout(cfg.method, num_quads, cfg.nll_weight)
+    out = ck.fused_linear_clo_loss(
+        hidden, weight, labels, **args,
         chosen=chosen.to(device), rejected=rejected.to(device),
         nll_mask=None if nll_mask is None else nll_mask.to(device),
         ref_logps=None if ref_logps is None else ref_logps.to(device),
         beta=cfg.beta, nll_weight=nll_weight, softcap=split.softcap, shift=True, average_logps=cfg.average_logps,
-        num_pairs=max(num_pairs, 1), num_nll_tokens=max(num_nll_tokens, 1), impl=cfg.loss_impl)
+        num_pairs=den.pairs, num_nll_tokens=den.nll_tokens, impl=cfg.loss_impl)
+    if cfg.unlikelihood > 0:
+        layout = cfg.quad_layout
+        ul = ck.unlikelihood_loss(hidden, weight, labels, **args, mask=layout.mask(layout.positives, num_quads, device),
+                                  softcap=split.softcap, shift=True, num_tokens=den.positive_tokens,
+                                  impl=cfg.loss_impl)
+        out.loss = out.loss + cfg.unlikelihood * ul
+        out.metrics["unlikelihood"] = ul.detach()
+    return out
 
 
 @torch.no_grad()
@@ -282,8 +305,7 @@ class Objective(nn.Module):
         self.cfg = cfg
         self.amp_dtype = amp_dtype
 
-    def forward(self, batch: dict, *, ref_logps=None, num_pairs: int = 1, num_nll_tokens: int = 1,
-                logps_only: bool = False):
+    def forward(self, batch: dict, *, ref_logps=None, den: Denominators | None = None, logps_only: bool = False):
         """The micro-batch's CLO loss (``ck.CLOOutput``), or its (S,) sequence log-probs."""
         split = self.split
         if logps_only:
@@ -291,8 +313,8 @@ class Objective(nn.Module):
         if ref_logps is None and self.cfg.quad_layout.pairs:  # --ref online: the LoRA model, adapters off
             with self.lm.disable_adapter():
                 ref_logps = batch_logps(split, batch, cfg=self.cfg, amp_dtype=self.amp_dtype)
-        return micro_step_loss(split, batch, cfg=self.cfg, ref_logps=ref_logps, num_pairs=num_pairs,
-                               num_nll_tokens=num_nll_tokens, amp_dtype=self.amp_dtype)
+        return micro_step_loss(split, batch, cfg=self.cfg, ref_logps=ref_logps, den=den or Denominators(1, 1, 1),
+                               amp_dtype=self.amp_dtype)
 
 
 @torch.no_grad()
@@ -789,7 +811,7 @@ def train_step(run: Run, step: int) -> dict:
     layout = cfg.quad_layout
     t0 = time.perf_counter()
     global_batches = micro_batches(step, cfg, len(encoded), world=d.world)
-    num_pairs, num_nll = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
+    den = denominators([[encoded[i] for i in mb] for mb in global_batches], cfg.method)
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for k, mb in enumerate(global_batches):
@@ -799,15 +821,15 @@ def train_step(run: Run, step: int) -> dict:
         # (quads, 4) -> one per sequence the method feeds the model
         ref_mb = run.ref[idx][:, list(layout.sequences)].reshape(-1) if run.ref is not None else None
         with parallel.sync_gradients(run.objective, last=k == len(global_batches) - 1):
-            res = run.objective(batch, ref_logps=ref_mb, num_pairs=max(num_pairs, 1), num_nll_tokens=max(num_nll, 1))
+            res = run.objective(batch, ref_logps=ref_mb, den=den)
             # DDP/FSDP2 average gradients over ranks; this rank's loss is already its share of
             # the global mean, so their sum is wanted.
             (res.loss * d.world if d.world > 1 else res.loss).backward()
         # Pair metrics are micro-batch means: weight them by the micro-batch's share of the pairs.
         # The NLL already has the step's denominator. Summed as tensors: one host sync per step.
-        share = (len(layout.pairs) * len(idx) / num_pairs) if num_pairs else 0.0
+        share = len(layout.pairs) * len(idx) / den.pairs
         for key, v in [("loss", res.loss.detach()), *res.metrics.items()]:
-            sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll") else v * share)
+            sums[key] = sums.get(key, 0.0) + (v if key in ("loss", "nll", "unlikelihood") else v * share)
         tokens += int(batch["input_ids"].numel() if "seq_ids" in batch else batch["attention_mask"].sum())
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2

@@ -12,6 +12,7 @@ from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, sequence_logps
 from .objective import CLOOutput
 from .options import LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
+from .unlikelihood import unlikelihood_loss
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "fused_linear_clo_loss",
     "quad_pairs",
     "sequence_logps",
+    "unlikelihood_loss",
 ]

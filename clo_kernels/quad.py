@@ -35,6 +35,23 @@ class QuadLayout:
         """The quad sequences k with the NLL term."""
         return tuple(self.sequences[j] for j in self.nll)
 
+    @property
+    def positives(self) -> tuple[int, ...]:
+        """Positions within ``sequences`` whose responses the loss raises: the pairs' chosen ones
+        and the NLL ones (where an unlikelihood term applies)."""
+        return tuple(sorted({c for c, _ in self.pairs} | set(self.nll)))
+
+    @property
+    def positive_sequences(self) -> tuple[int, ...]:
+        """The quad sequences k of ``positives``."""
+        return tuple(self.sequences[j] for j in self.positives)
+
+    def mask(self, positions: tuple[int, ...], num_quads: int, device=None) -> torch.Tensor:
+        """(len(sequences) * Q,) bool: True at ``positions`` of every quad of a batch of ``num_quads``."""
+        out = torch.zeros(num_quads, len(self.sequences), dtype=torch.bool, device=device)
+        out[:, list(positions)] = True
+        return out.reshape(-1)
+
     def batch(self, num_quads: int, device=None):
         """chosen, rejected (len(pairs) * Q,) and nll_mask (len(sequences) * Q,) of ``num_quads``
         quads: the fused loss's pair indices and NLL mask."""
@@ -43,9 +60,7 @@ class QuadLayout:
         picks = torch.tensor(self.pairs, dtype=torch.long, device=device).reshape(-1, 2)
         chosen = (base + picks[:, 0]).reshape(-1)
         rejected = (base + picks[:, 1]).reshape(-1)
-        nll_mask = torch.zeros(num_quads, n, dtype=torch.bool, device=device)
-        nll_mask[:, list(self.nll)] = True
-        return chosen, rejected, nll_mask.reshape(-1)
+        return chosen, rejected, self.mask(self.nll, num_quads, device)
 
 
 # pairs and nll index the method's own sequences (positions in ``sequences``), as the batch does.

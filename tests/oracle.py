@@ -70,3 +70,28 @@ def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps
         "nll": nll.item() if nll_mask is not None else float("nan"),
     }
     return loss, logps, metrics
+
+
+def oracle_unlikelihood(hidden, weight, labels, *, mask=None, seq_ids=None, bias=None, softcap=None, shift=False,
+                        ignore_index=-100, num_tokens=None):
+    """Token-level unlikelihood in float64 from the full log_softmax, candidates as Python sets."""
+    W = weight.double()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for s, (h, y) in enumerate(sequences(hidden.double(), labels, seq_ids)):
+        if shift:
+            h, y = h[:-1], y[1:]
+        if mask is not None and not bool(mask[s]):
+            continue
+        keep = y != ignore_index
+        z = h[keep] @ W.T
+        if bias is not None:
+            z = z + bias.double()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logp = torch.log_softmax(z, -1)
+        ys = y[keep].tolist()
+        for t, yt in enumerate(ys):
+            for c in set(ys[:t]) - {yt}:
+                total = total - torch.log1p(-logp[t, c].exp())
+        count += len(ys)
+    return total / (num_tokens if num_tokens is not None else max(count, 1))

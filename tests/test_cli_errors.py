@@ -39,10 +39,12 @@ def test_train_on_a_broken_data_file(tmp_path):
     assert f"{data} line 3: malformed JSON" in last, last
 
 
-def test_train_with_a_bad_option_value(tmp_path):
-    proc = clo("train", "--beta", "-1", "--max-quads", "1", "--no-progress", "--output-dir", str(tmp_path / "run"),
+@pytest.mark.parametrize(("flag", "value", "named"), [("--beta", "-1", "beta must be > 0"),
+                                                      ("--unlikelihood", "-0.5", "unlikelihood must be >= 0")])
+def test_train_with_a_bad_option_value(tmp_path, flag, value, named):
+    proc = clo("train", flag, value, "--max-quads", "1", "--no-progress", "--output-dir", str(tmp_path / "run"),
                cwd=tmp_path)
-    assert "beta" in one_line_error(proc, "train")
+    assert named in one_line_error(proc, "train")
 
 
 def test_train_with_an_unknown_config_option(tmp_path):

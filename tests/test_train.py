@@ -76,10 +76,9 @@ def _one_step_grads(encoded, *, loss_impl, layout="packed", method="clo", vocab=
     ref = T.reference_logps(T.Objective(model, cfg=cfg, amp_dtype=None), encoded, cfg=cfg) if method != "sft" else None
     model = M.select_trainable(model, "attention")
     batch = D.collate(encoded, pad_id=0, layout=layout, method=method)
-    pairs, nll = T.denominators([encoded], method)
     ref_mb = None if ref is None else (ref + 0.25).reshape(-1)  # off the policy, so the pair term has a gradient
-    out = T.micro_step_loss(M.split_lm(model), batch, cfg=cfg, ref_logps=ref_mb, num_pairs=pairs,
-                            num_nll_tokens=nll, amp_dtype=None)
+    out = T.micro_step_loss(M.split_lm(model), batch, cfg=cfg, ref_logps=ref_mb, den=T.denominators([encoded], method),
+                            amp_dtype=None)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in M.trainable_parameters(model).items()}
 
@@ -107,7 +106,7 @@ def test_grad_accumulation_equals_one_big_batch(llama_dir, tmp_path):
     # the data is one stream of epochs, so both see the same 4 quads at every step. Margins are
     # beta x differences of fp32 sums near -500 nats: their rounding (~3e-5) times 0.1 bounds them.
     for ra, rb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=True):
-        for key in ("loss", "nll", "rewards/margins", "logps/chosen", "grad_norm"):
+        for key in ("loss", "nll", "unlikelihood", "rewards/margins", "logps/chosen", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-5 if key == "rewards/margins" else 1e-7), \
                 (ra["step"], key)
     assert a["final"]["step"] == b["final"]["step"] == 2

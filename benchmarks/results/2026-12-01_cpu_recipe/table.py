@@ -13,7 +13,8 @@ RUNS = [("base", "-"), ("base-askde", "German prompts + 'Antworte bitte auf Deut
         ("nll0.2", "--nll-weight 0.2"), ("nll0.8", "--nll-weight 0.8"), ("sft", "--method sft"),
         ("clo-half", "--max-quads 96"), ("avg", "--average-logps"), ("lora", "--trainable lora --lr 5e-4"),
         ("attn-mlp", "--attention-modules <q,k,v,o>,mlp.gate_proj,mlp.up_proj,mlp.down_proj --lr 5e-5"),
-        ("short", "--data short.jsonl"), ("seed1", "--seed 1")]
+        ("short", "--data short.jsonl"), ("seed1", "--seed 1"), ("ul1", "unlikelihood 1.0 (prototype/run_ul.py)"),
+        ("ul1-seed1", "unlikelihood 1.0 (prototype/run_ul.py) --seed 1")]
 DEFAULT = Path(__file__).parent.parent / "2026-12-01_cpu_demo_quality" / "eval.json"
 
 

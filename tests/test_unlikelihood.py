@@ -1,0 +1,107 @@
+"""unlikelihood_loss on every impl against the float64 oracle: value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VARIANTS, impl_kwargs
+from helpers import IGNORE, grads, make_case, rel_err
+from oracle import oracle_unlikelihood
+
+import clo_kernels as ck
+
+
+def _case(*, alphabet=5, **kw):
+    """make_case with its response tokens drawn from the first ``alphabet`` ids: responses that
+    repeat themselves, so candidate sets have duplicates and the label recurs. Those ids' head
+    rows are scaled up, so that candidates get real probability (up to near 1)."""
+    batch = make_case(**kw)
+    with torch.no_grad():
+        batch["weight"][:alphabet] *= 1.6
+    y = batch["labels"]
+    g = torch.Generator().manual_seed(1)
+    small = torch.randint(0, alphabet, y.shape, generator=g).to(y.device)
+    batch["labels"] = torch.where(y == IGNORE, y, small)
+    return batch
+
+
+CASES = {
+    "plain": ({}, {}),
+    "shift_mask": ({}, dict(shift=True, mask="chosen")),
+    "softcap_bias": (dict(bias=True), dict(softcap=8.0, shift=True)),
+    "packed_bias_softcap": (dict(packed=True, bias=True), dict(shift=True, softcap=6.0, mask="chosen")),
+    "global_denominator": ({}, dict(num_tokens=37.0)),
+    "odd_vocab": (dict(V=1000, D=24, S=4, T=29, empty_seq=3), dict(shift=True)),
+}
+
+
+def _kwargs(batch, loss_kw):
+    kw = {k: batch[k] for k in ("seq_ids", "bias") if k in batch}
+    kw.update(loss_kw)
+    if kw.get("mask") == "chosen":
+        mask = torch.zeros_like(batch["nll_mask"])
+        mask[batch["chosen"]] = True
+        kw["mask"] = mask
+    return kw
+
+
+@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_oracle(case, impl, device):
+    make_kw, loss_kw = CASES[case]
+    batch = _case(device=device, seed=len(case), **make_kw)
+    kw = _kwargs(batch, loss_kw)
+    args = (batch["hidden"], batch["weight"], batch["labels"])
+    got = ck.unlikelihood_loss(*args, **kw, **impl_kwargs(impl))
+    want = oracle_unlikelihood(*args, **kw)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert want.item() > 0.005  # the case has candidates worth pushing down
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    g, w = grads(got, batch), grads(want, batch)
+    for name in g:
+        assert rel_err(g[name], w[name]) < 1e-5, name
+
+
+def test_non_contiguous_views(device):
+    batch = _case(device=device, seed=2, bias=True)
+    h = batch["hidden"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)  # (S, T, D) view
+    w = torch.cat([batch["weight"].detach(), batch["weight"].detach()], 1)[:, ::2].requires_grad_(True)
+    assert not h.is_contiguous() and not w.is_contiguous()
+    got = ck.unlikelihood_loss(h, w, batch["labels"], bias=batch["bias"], shift=True, impl="torch")
+    want = oracle_unlikelihood(h, w, batch["labels"], bias=batch["bias"], shift=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    g = torch.autograd.grad(got, [h, w])
+    gw = torch.autograd.grad(want, [h, w])
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, gw, strict=True))
+
+
+def test_candidates_on_a_fixed_sequence():
+    """y = a b a c: t=1 pushes a; t=2 (a again) pushes b; t=3 pushes a and b, each once."""
+    V, D = 6, 4
+    weight = torch.eye(V, D).double() * 0.0  # uniform softmax: p = 1/V everywhere
+    hidden = torch.zeros(1, 4, D, dtype=torch.float64)
+    labels = torch.tensor([[0, 1, 0, 2]])
+    got = ck.unlikelihood_loss(hidden.float(), weight.float(), labels, impl="torch")
+    one = -torch.log1p(torch.tensor(-1.0 / V)).item()
+    assert got.item() == pytest.approx(4 * one / 4, rel=1e-6)  # 1 + 1 + 2 candidates over 4 tokens
+
+
+def test_no_candidates_is_zero_with_gradient():
+    batch = make_case(S=4, T=6, empty_seq=None)
+    labels = torch.full_like(batch["labels"], IGNORE)
+    labels[:, 2] = 3  # one labelled token per sequence: nothing earlier to push down
+    got = ck.unlikelihood_loss(batch["hidden"], batch["weight"], labels)
+    assert got.item() == 0.0
+    got.backward()  # differentiable, zero gradient
+    assert float(batch["hidden"].grad.abs().sum()) == 0.0
+
+
+def test_bad_input_is_named():
+    batch = make_case(S=4, empty_seq=None)
+    args = (batch["hidden"], batch["weight"], batch["labels"])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        ck.unlikelihood_loss(*args, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        ck.unlikelihood_loss(*args, mask=torch.ones(4))
+    with pytest.raises(ValueError, match="num_tokens must be > 0"):
+        ck.unlikelihood_loss(*args, num_tokens=0)
