@@ -9,17 +9,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from clo.evaluate import loops, repeated_trigrams  # noqa: E402
 
 RUNS = [("base", "-"), ("base-askde", "German prompts + 'Antworte bitte auf Deutsch.'"),
-        ("default", "(none)"), ("lr3e-5", "--lr 3e-5"), ("beta0.5", "--beta 0.5"),
+        ("default", "(none) before the unlikelihood term (= --unlikelihood 0 now)"),
+        ("lr3e-5", "--lr 3e-5"), ("beta0.5", "--beta 0.5"),
         ("nll0.2", "--nll-weight 0.2"), ("nll0.8", "--nll-weight 0.8"), ("sft", "--method sft"),
         ("clo-half", "--max-quads 96"), ("avg", "--average-logps"), ("lora", "--trainable lora --lr 5e-4"),
         ("attn-mlp", "--attention-modules <q,k,v,o>,mlp.gate_proj,mlp.up_proj,mlp.down_proj --lr 5e-5"),
         ("short", "--data short.jsonl"), ("seed1", "--seed 1"), ("ul1", "unlikelihood 1.0 (prototype/run_ul.py)"),
-        ("ul1-seed1", "unlikelihood 1.0 (prototype/run_ul.py) --seed 1")]
-DEFAULT = Path(__file__).parent.parent / "2026-12-01_cpu_demo_quality" / "eval.json"
+        ("ul1-seed1", "unlikelihood 1.0 (prototype/run_ul.py) --seed 1"),
+        ("default-ul", "(none): the default since ae3d5b8, unlikelihood 1.0")]
+ELSEWHERE = {"default": "2026-12-01_cpu_demo_quality", "default-ul": "2026-12-01_cpu_demo_ul"}  # README main-job runs
 
 
 def result(name):
-    path = DEFAULT if name == "default" else Path(__file__).parent / name / "eval.json"
+    here = Path(__file__).parent
+    path = (here.parent / ELSEWHERE[name] if name in ELSEWHERE else here / name) / "eval.json"
     return json.loads(path.read_text())["model"] if path.exists() else None
 
 
