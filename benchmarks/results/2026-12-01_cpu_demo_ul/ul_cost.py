@@ -1,4 +1,5 @@
-"""Seconds per training micro-step (forward + backward, 2 demo quads) with and without the unlikelihood term, alternated."""
+"""Seconds per training micro-step (forward + backward, 2 demo quads) with and without the
+unlikelihood term, alternated."""
 import dataclasses
 import statistics
 import sys
