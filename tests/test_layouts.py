@@ -17,14 +17,14 @@ import pytest
 import torch
 from conftest import impls
 from helpers import make_case, rel_err
-from oracle import oracle
+from oracle import oracle, oracle_unlikelihood
 
 import clo_kernels as ck
 
 LAYOUTS = ("contiguous", "strided", "offset", "transposed")
 FLOATS = ("hidden", "weight", "bias", "ref_logps", "logits")
 GRADS = ("hidden", "weight", "bias", "logits")  # the differentiable arguments
-FUNCTIONS = ("fused_linear_clo_loss", "module", "sequence_logps", "clo_loss_from_logits")
+FUNCTIONS = ("fused_linear_clo_loss", "module", "sequence_logps", "clo_loss_from_logits", "unlikelihood_loss")
 MIXES = [("all", how) for how in LAYOUTS] + [("mix", seed) for seed in range(4)]  # mixes: unshifted labels
 
 
@@ -93,6 +93,10 @@ def _call(fn: str, args: dict, impl: str, loss_kw: dict):
                                   impl=impl)
         weights = torch.linspace(0.5, 1.5, logps.numel(), device=logps.device)
         return (logps * weights).sum(), logps.detach(), ("hidden", "weight", "bias")
+    if fn == "unlikelihood_loss":  # nll_mask as its mask; "logps": the loss itself
+        ul = ck.unlikelihood_loss(args["hidden"], args["weight"], args["labels"], **head, mask=args["nll_mask"],
+                                  shift=loss_kw["shift"], impl=impl)
+        return ul, ul.detach().reshape(1), ("hidden", "weight", "bias")
     out = ck.clo_loss_from_logits(args["logits"], args["labels"], seq_ids=args.get("seq_ids"), **pairs, **loss_kw,
                                   impl=impl)
     return out.loss, out.logps, ("logits",)
@@ -106,6 +110,10 @@ def _oracle(fn: str, case: dict, loss_kw: dict):
         eye = torch.eye(case["logits"].shape[-1], dtype=torch.float64)
         loss, logps, _ = oracle(leaves["logits"], eye, case["labels"], seq_ids=case.get("seq_ids"), **pairs,
                                 **loss_kw)
+    elif fn == "unlikelihood_loss":
+        loss = oracle_unlikelihood(leaves["hidden"], leaves["weight"], case["labels"], bias=leaves["bias"],
+                                   seq_ids=case.get("seq_ids"), mask=case["nll_mask"], shift=loss_kw["shift"])
+        logps = loss.reshape(1)
     else:
         loss, logps, _ = oracle(leaves["hidden"], leaves["weight"], case["labels"], bias=leaves["bias"],
                                 seq_ids=case.get("seq_ids"), **pairs, **loss_kw)
