@@ -23,7 +23,10 @@ import dataclasses
 import torch
 
 from . import _inputs
+from .linear_logprob_torch import capped
 from .loss import _options, token_logps
+from .objective import _as_denominator
+from .one_pass import _token_order
 from .options import LogProbOptions
 
 _P_MAX = 1.0 - 1e-6  # keeps log(1 - p) finite where the model is already sure of a repeat
@@ -73,21 +76,16 @@ def unlikelihood_loss(
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
 
     # The labelled tokens in (sequence, position) order, cut into sequences: one host sync.
-    N = batch.labels.numel()
-    pos = torch.arange(N, device=hidden.device)
-    rows = torch.argsort(torch.where(batch.valid, batch.seq_ids * N + pos, torch.iinfo(torch.long).max))
     counts = torch.zeros(batch.num_seqs, dtype=torch.long, device=hidden.device).index_add_(
         0, batch.seq_ids, batch.valid.long()).tolist()
+    rows = _token_order(batch, list(range(batch.num_seqs)), sum(counts))  # each sequence a "chunk" of its own
     total = tok.sum() * 0.0  # in the graph even without candidates, as a loss term must be
     start = 0
     for n in counts:
         if n > 1:
             total = total + _sequence_unlikelihood(batch, weight, bias, tok, rows[start:start + n], softcap=softcap)
         start += n
-    denominator = sum(counts) if num_tokens is None else num_tokens
-    if not isinstance(denominator, torch.Tensor):
-        denominator = max(float(denominator), 1.0)
-    return total / denominator
+    return total / _as_denominator(num_tokens if num_tokens is not None else max(sum(counts), 1), total)
 
 
 def _sequence_unlikelihood(batch, weight, bias, tok, rows, *, softcap) -> torch.Tensor:
@@ -97,8 +95,7 @@ def _sequence_unlikelihood(batch, weight, bias, tok, rows, *, softcap) -> torch.
     u = batch.hidden[rows].float() @ weight[y].float().T  # u[t, j] = h_t . W[y_j], before bias and softcap
     if bias is not None:
         u = u + bias[y].float()
-    if softcap is not None:
-        u = softcap * torch.tanh(u / softcap)
+    u = capped(u, softcap)[0]
     logp = u - u.diagonal()[:, None] + tok[rows][:, None]  # log p_t(y_j)
     # y_j is a candidate of t if j < t and y_j does not occur again before t (nor at t): each
     # distinct earlier token once, through its latest occurrence.
