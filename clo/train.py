@@ -258,27 +258,21 @@ def head_inputs(split: SplitLM, batch: dict, *, amp_dtype) -> dict:
 
 
 def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, den: Denominators, amp_dtype):
-    """The fused CLO loss of one collated micro-batch, plus ``cfg.unlikelihood`` times the
-    unlikelihood of its positive responses; the logits are never materialised."""
+    """The fused CLO loss of one collated micro-batch, with ``cfg.unlikelihood`` times the
+    unlikelihood of its positive responses folded in; the logits are never materialised."""
     args = head_inputs(split, batch, amp_dtype=amp_dtype)
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
-    device, num_quads = weight.device, len(batch["quad_ids"])
+    device, num_quads, layout = weight.device, len(batch["quad_ids"]), cfg.quad_layout
     chosen, rejected, nll_mask, nll_weight = loss_layout(cfg.method, num_quads, cfg.nll_weight)
-    out = ck.fused_linear_clo_loss(
+    return ck.fused_linear_clo_loss(
         hidden, weight, labels, **args,
         chosen=chosen.to(device), rejected=rejected.to(device),
         nll_mask=None if nll_mask is None else nll_mask.to(device),
         ref_logps=None if ref_logps is None else ref_logps.to(device),
         beta=cfg.beta, nll_weight=nll_weight, softcap=split.softcap, shift=True, average_logps=cfg.average_logps,
-        num_pairs=den.pairs, num_nll_tokens=den.nll_tokens, impl=cfg.loss_impl)
-    if cfg.unlikelihood > 0:
-        layout = cfg.quad_layout
-        ul = ck.unlikelihood_loss(hidden, weight, labels, **args, mask=layout.mask(layout.positives, num_quads, device),
-                                  softcap=split.softcap, shift=True, num_tokens=den.positive_tokens,
-                                  impl=cfg.loss_impl)
-        out.loss = out.loss + cfg.unlikelihood * ul
-        out.metrics["unlikelihood"] = ul.detach()
-    return out
+        num_pairs=den.pairs, num_nll_tokens=den.nll_tokens, unlikelihood=cfg.unlikelihood,
+        unlikelihood_mask=layout.mask(layout.positives, num_quads, device), num_unlikelihood_tokens=den.positive_tokens,
+        impl=cfg.loss_impl)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ whenever its memory allows), ``labels`` (N,) already shifted, and ``seq_ids`` (N
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -224,6 +225,11 @@ def check_scalars(*, beta: float, nll_weight: float, softcap: float | None) -> N
     _require(float(beta) > 0, ValueError, f"beta must be > 0, got {beta}")
     _require(0.0 <= float(nll_weight) <= 1.0, ValueError, f"nll_weight must lie in [0, 1], got {nll_weight}")
     check_softcap(softcap)
+
+
+def check_unlikelihood(weight: float) -> None:
+    _require(math.isfinite(float(weight)) and float(weight) >= 0, ValueError,
+             f"unlikelihood must be a finite weight >= 0, got {weight}")
 
 
 def check_softcap(softcap: float | None) -> None:

@@ -128,6 +128,9 @@ def fused_linear_clo_loss(
     average_logps: bool = False,
     num_pairs: int | float | torch.Tensor | None = None,
     num_nll_tokens: int | float | torch.Tensor | None = None,
+    unlikelihood: float = 0.0,
+    unlikelihood_mask: torch.Tensor | None = None,
+    num_unlikelihood_tokens: int | float | torch.Tensor | None = None,
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
@@ -152,6 +155,12 @@ def fused_linear_clo_loss(
     num_nll_tokens are global denominators for gradient accumulation and data parallelism:
     pass the totals over all micro-batches and ranks, and the summed losses equal one big batch's.
 
+    unlikelihood > 0 adds ``unlikelihood * L_UL``, the token-level unlikelihood of
+    ``unlikelihood_loss`` over the sequences in ``unlikelihood_mask`` ((S,) bool, default all)
+    with denominator ``num_unlikelihood_tokens`` (default: their token count), and reports
+    L_UL as metrics["unlikelihood"]. The one-pass path reads it off the logits it computes
+    anyway (no extra product); the others add unlikelihood_loss's per-sequence products.
+
     impl: "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked
     over tokens, O(chunk x V) memory), "reference" (naive full logits); "auto" = triton on
     CUDA, torch elsewhere. validate=False skips the range checks that need a host sync; an
@@ -165,6 +174,8 @@ def fused_linear_clo_loss(
                               beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
                               ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
                               impl=impl, validate=validate)
+    term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
+                              ignore_index=ignore_index)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     impl = _inputs.resolve_impl(impl, hidden.device)
     objective = dict(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
@@ -173,10 +184,29 @@ def fused_linear_clo_loss(
     if impl != "reference" and opts.backward == "one_pass":
         from .one_pass import clo_loss
 
-        out = clo_loss(batch, weight, bias, opts=opts, impl=impl, **objective)
+        out = clo_loss(batch, weight, bias, opts=opts, impl=impl, unlikelihood=term, **objective)
         if out is not None:
             return out
-    return clo_objective(token_logps(batch, weight, bias, opts=opts, impl=impl), batch, **objective)
+    tok = token_logps(batch, weight, bias, opts=opts, impl=impl)
+    out = clo_objective(tok, batch, **objective)
+    if term is not None:
+        ul = term.value(batch, weight, bias, tok, softcap=softcap)
+        out.loss = out.loss + term.weight * ul
+        out.metrics["unlikelihood"] = ul.detach()
+    return out
+
+
+def _unlikelihood_term(weight, mask, num_tokens, *, batch, ignore_index):
+    """The checked unlikelihood.Term of a CLO loss call, None for weight 0."""
+    _inputs.check_unlikelihood(weight)
+    _inputs.check_denominator("num_unlikelihood_tokens", num_tokens)
+    _inputs.check_seq_tensor("unlikelihood_mask", mask, num_seqs=batch.num_seqs, device=batch.hidden.device,
+                             kind="bool")
+    if float(weight) == 0.0:
+        return None
+    from .unlikelihood import Term
+
+    return Term(weight=float(weight), mask=mask, num_tokens=num_tokens, ignore_index=ignore_index)
 
 
 class FusedLinearCLOLoss(nn.Module):

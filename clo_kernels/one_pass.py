@@ -180,7 +180,9 @@ class _Loop:
     plan: Plan
     objective: dict  # the clo_objective keywords (chosen, rejected, nll_mask, ref_logps, beta, ...)
     need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
+    unlikelihood: object | None = None  # an unlikelihood.Term folded into the loop, or None
     output: CLOOutput | None = None
+    _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
 
     def token_logps(self) -> tuple[torch.Tensor, tuple]:
         batch, weight, opts = self.batch, self.weight, self.opts
@@ -209,7 +211,11 @@ class _Loop:
             scale_args = {k: obj[k] for k in ("chosen", "rejected", "nll_mask", "ref_logps", "beta", "nll_weight")}
         dh = torch.zeros_like(hidden) if need_h else None
         dw, db = None, (torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None)
-        for start, end in self.plan.bounds:
+        ul_chunks = [None] * len(self.plan.bounds)
+        if self.unlikelihood is not None:
+            ul_chunks, ul_den = self.unlikelihood.by_chunk(batch, self.plan.order, self.plan.bounds, vocab_size=V)
+            ul_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for (start, end), ul in zip(self.plan.bounds, ul_chunks, strict=True):
             rows = self.plan.order[start:end]
             h = hidden.index_select(0, rows)
             z = buf[: end - start]
@@ -218,6 +224,8 @@ class _Loop:
             else:
                 z.copy_(h @ weight.T)
             y, s = labels[rows], seq[rows]
+            if ul is not None:
+                ul.read(z, y, bias)
             if in_place:
                 logp, lse, inv = rows_softmax_(z, y, bias=bias)
             else:
@@ -226,19 +234,26 @@ class _Loop:
                 logp = torch.where(batch.bad_token[rows], float("nan"), logp)
             tok[rows] = logp
             sums.index_add_(0, s, logp)
+            if ul is not None:
+                ul_sum += ul.value(lse, softcap=opts.softcap)
             if not grads:
                 continue
             g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
                               **scale_args)[s]
+            g_rows = g if ul is None else ul.scale(g)
             if in_place:  # z := dL/dz (db += its column sums)
-                rows_grad_from_softmax_(z, y, g, inv, db=db)
+                rows_grad_from_softmax_(z, y, g_rows, inv, db=db)
             else:
-                grad_into(z, z, y, lse, g, bias=bias, softcap=opts.softcap, db=db)
+                grad_into(z, z, y, lse, g_rows, bias=bias, softcap=opts.softcap, db=db)
+            if ul is not None:
+                ul.correct(z, y, g, logp, softcap=opts.softcap, db=db)
             dz = z.to(hidden.dtype)
             if need_h:
                 dh.index_copy_(0, rows, dz @ weight)
             if need_w:
                 dw = addmm_fp32(dw, dz.T, h)
+        if self.unlikelihood is not None:
+            self._ul = ul_sum / ul_den
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
             dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if dw is None else dw
@@ -250,6 +265,9 @@ class _Loop:
 
         with torch.no_grad():
             self.output = clo_objective(mask_token_logps(tok, self.batch), self.batch, **self.objective)
+            if self._ul is not None:
+                self.output.loss = self.output.loss + self.unlikelihood.weight * self._ul
+                self.output.metrics["unlikelihood"] = self._ul
         return grads
 
 
@@ -264,10 +282,10 @@ class _OnePassCLO(torch.autograd.Function):
         return (*(None if g is None else g * grad_output for g in ctx.grads), None)
 
 
-def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str,
+def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str, unlikelihood=None,
              **objective) -> CLOOutput | None:
-    """The CLO loss of ``batch`` in one pass, or None where the layout needs the two-pass path
-    (said once per reason). ``objective``: clo_objective's keywords."""
+    """The CLO loss of ``batch`` in one pass, plus an unlikelihood.Term folded in, or None where
+    the layout needs the two-pass path (said once per reason). ``objective``: clo_objective's keywords."""
     hidden = batch.hidden
     need = tuple(needs_autograd(t) for t in (hidden, weight, bias))
     ref = objective.get("ref_logps")
@@ -281,7 +299,7 @@ def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str
         fall_back("group size", plan)
         return None
     loop = _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=objective,
-                 need=need)
+                 need=need, unlikelihood=unlikelihood)
     if not any(need):
         loop.run()
         return loop.output

@@ -6,30 +6,35 @@ pushed down: the term that counters the loops greedy decoding falls into after f
     C_t   = {y_j : j < t in t's sequence} minus {y_t}              each token once
     L_UL  = -sum_t sum_{c in C_t} log(1 - p_t(c)) / (num_tokens or the count of t)
 
-A candidate's probability needs the row's logsumexp, which the head's token log-prob gives
-without a second vocabulary pass of its own: with u = softcap(h W^T + b),
+Two ways to get a candidate's probability, one per caller:
 
-    log p_t(c) = u_t[c] - u_t[y_t] + logp_t
+- ``unlikelihood_loss`` (the term alone) and the two-pass CLO paths: the head's token
+  log-prob gives the row's logsumexp, so with u = softcap(h W^T + b)
 
-so a sequence of T labelled tokens costs the kernels' token log-probs (the two-pass head:
-its backward recomputes the logits) and one (T, D) x (D, T) product against the response's
-own weight rows (u_t[y_j] for every pair t, j): O(T^2) memory per sequence, never O(T V).
+      log p_t(c) = u_t[c] - u_t[y_t] + logp_t
+
+  costs the token log-probs (differentiable) and one (T, D) x (D, T) product per sequence
+  against the response's own weight rows: O(T^2) memory per sequence, never O(T V).
+- the one-pass CLO loss (``fused_linear_clo_loss(..., unlikelihood=)``, clo_kernels.one_pass)
+  reads p_t(c) off each chunk's logits while they are at hand and folds the gradient into the
+  chunk's dL/dz, for no extra product: the candidate (row, token) pairs come from
+  ``candidate_pairs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from . import _inputs
 from .linear_logprob_torch import capped
-from .loss import _options, token_logps
 from .objective import _as_denominator
 from .one_pass import _token_order
 from .options import LogProbOptions
 
-_P_MAX = 1.0 - 1e-6  # keeps log(1 - p) finite where the model is already sure of a repeat
+P_MAX = 1.0 - 1e-6  # keeps log(1 - p) finite where the model is already sure of a repeat
 
 
 def unlikelihood_loss(
@@ -56,10 +61,13 @@ def unlikelihood_loss(
     mask: (S,) bool, the sequences whose labelled tokens carry the term (default: all), e.g.
     the chosen responses of a CLO batch. num_tokens: the global count of those tokens over all
     micro-batches and ranks (default: this call's count), as ``num_nll_tokens``.
+    With a CLO loss, ``fused_linear_clo_loss(..., unlikelihood=)`` adds the term for free.
 
     Returns the fp32 scalar L_UL of the module docstring, differentiable w.r.t. hidden,
     weight and bias (0 when no sequence has two labelled tokens).
     """
+    from .loss import _options, token_logps
+
     _inputs.check_impl(impl)
     _inputs.check_softcap(softcap)
     _inputs.check_head(hidden, weight, bias, impl=impl)
@@ -69,40 +77,171 @@ def unlikelihood_loss(
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                                   shift=shift, ignore_index=ignore_index, validate=validate)
     _inputs.check_seq_tensor("mask", mask, num_seqs=batch.num_seqs, device=hidden.device, kind="bool")
-    if mask is not None:
-        valid = batch.valid & mask[batch.seq_ids]
-        batch = dataclasses.replace(batch, valid=valid, labels=torch.where(valid, batch.labels, ignore_index))
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
-    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
+    impl = _inputs.resolve_impl(impl, hidden.device)
+    tok = token_logps(restrict(batch, mask, ignore_index=ignore_index), weight, bias, opts=opts, impl=impl)
+    return from_token_logps(batch, weight, bias, tok, mask=mask, softcap=softcap, ignore_index=ignore_index,
+                            num_tokens=num_tokens)
 
-    # The labelled tokens in (sequence, position) order, cut into sequences: one host sync.
-    counts = torch.zeros(batch.num_seqs, dtype=torch.long, device=hidden.device).index_add_(
+
+def restrict(batch: _inputs.TokenBatch, mask: torch.Tensor | None, *, ignore_index: int) -> _inputs.TokenBatch:
+    """batch with only the labelled tokens of the sequences in ``mask`` (None: all) labelled."""
+    if mask is None:
+        return batch
+    valid = batch.valid & mask[batch.seq_ids]
+    return dataclasses.replace(batch, valid=valid, labels=torch.where(valid, batch.labels, ignore_index))
+
+
+def _sequences(batch: _inputs.TokenBatch):
+    """(rows, y) of every sequence with two labelled tokens or more, rows in position order.
+    One host sync (the token counts)."""
+    counts = torch.zeros(batch.num_seqs, dtype=torch.long, device=batch.labels.device).index_add_(
         0, batch.seq_ids, batch.valid.long()).tolist()
     rows = _token_order(batch, list(range(batch.num_seqs)), sum(counts))  # each sequence a "chunk" of its own
-    total = tok.sum() * 0.0  # in the graph even without candidates, as a loss term must be
     start = 0
     for n in counts:
         if n > 1:
-            total = total + _sequence_unlikelihood(batch, weight, bias, tok, rows[start:start + n], softcap=softcap)
+            r = rows[start:start + n]
+            yield r, batch.labels[r]
         start += n
-    return total / _as_denominator(num_tokens if num_tokens is not None else max(sum(counts), 1), total)
 
 
-def _sequence_unlikelihood(batch, weight, bias, tok, rows, *, softcap) -> torch.Tensor:
-    """Sum over one sequence's labelled tokens ``rows`` (in position order) of its candidates' -log(1 - p)."""
-    V = weight.shape[0]
-    y = batch.labels[rows].clamp(0, V - 1)  # out of range only with validate=False: tok is NaN there
-    u = batch.hidden[rows].float() @ weight[y].float().T  # u[t, j] = h_t . W[y_j], before bias and softcap
-    if bias is not None:
-        u = u + bias[y].float()
-    u = capped(u, softcap)[0]
-    logp = u - u.diagonal()[:, None] + tok[rows][:, None]  # log p_t(y_j)
-    # y_j is a candidate of t if j < t and y_j does not occur again before t (nor at t): each
-    # distinct earlier token once, through its latest occurrence.
+def _candidates(y: torch.Tensor) -> torch.Tensor:
+    """(T, T) bool, [t, j]: y_j is a candidate of t. j < t and y_j does not occur again before t
+    (nor at t): each distinct earlier token once, through its latest occurrence."""
     T = y.numel()
     j = torch.arange(T, device=y.device)
     same_later = (y[:, None] == y[None, :]) & (j[None, :] > j[:, None])  # [j, k]: y_k == y_j, k > j
     next_same = torch.where(same_later, j[None, :], T).amin(dim=1)
-    candidate = (j[None, :] < j[:, None]) & (next_same[None, :] > j[:, None])  # [t, j]
-    p = logp.exp().clamp(max=_P_MAX)
-    return torch.where(candidate, -torch.log1p(-p), 0.0).sum()
+    return (j[None, :] < j[:, None]) & (next_same[None, :] > j[:, None])
+
+
+def candidate_pairs(batch: _inputs.TokenBatch, mask: torch.Tensor | None, *, vocab_size: int,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows, tokens, count): every candidate as the row of its token t (M,) and its id c (M,),
+    and the number of labelled tokens that carry the term (the default denominator)."""
+    batch = restrict(batch, mask, ignore_index=ignore_index)
+    V = vocab_size
+    rows, tokens = [], []
+    for r, y in _sequences(batch):
+        t, j = _candidates(y).nonzero(as_tuple=True)
+        rows.append(r[t])
+        tokens.append(y[j].clamp(0, V - 1))  # out of range only with validate=False: the loss is NaN
+    empty = batch.labels.new_zeros(0)
+    return (torch.cat(rows) if rows else empty, torch.cat(tokens) if tokens else empty,
+            int(batch.valid.sum()))
+
+
+def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor, *, mask, softcap, ignore_index,
+                     num_tokens) -> torch.Tensor:
+    """L_UL from the (N,) token log-probs ``tok`` of ``batch`` (differentiable), by the u-product route."""
+    batch = restrict(batch, mask, ignore_index=ignore_index)
+    total = tok.sum() * 0.0  # in the graph even without candidates, as a loss term must be
+    V = weight.shape[0]
+    for rows, y in _sequences(batch):
+        y = y.clamp(0, V - 1)  # out of range only with validate=False: tok is NaN there
+        u = batch.hidden[rows].float() @ weight[y].float().T  # u[t, j] = h_t . W[y_j], before bias and softcap
+        if bias is not None:
+            u = u + bias[y].float()
+        u = capped(u, softcap)[0]
+        logp = u - u.diagonal()[:, None] + tok[rows][:, None]  # log p_t(y_j)
+        p = logp.exp().clamp(max=P_MAX)
+        total = total + torch.where(_candidates(y), -torch.log1p(-p), 0.0).sum()
+    count = num_tokens if num_tokens is not None else max(int(batch.valid.sum()), 1)
+    return total / _as_denominator(count, total)
+
+
+# ----------------------------------------------------------------------------- the one-pass fold
+#
+# With g_t = dL/dlogp_t of the CLO objective, a = weight / den, p the row's softmax and
+# w_c = p_c / (1 - p_c) (0 where p_c is clamped at P_MAX), the row's whole gradient is
+#
+#     dL/du_k = (g_t + a W_t) (onehot(y_t) - p)_k  +  a w_k [k in C_t]  -  a W_t [k = y_t],   W_t = sum_c w_c
+#
+# so the row kernels run as they are with g_t + a W_t, and the entries at the candidates and
+# the label are then written again, computed in fp32: adding a w_c to a 16-bit -(g + a W) p_c
+# would lose it where p_c is near 1 (the two nearly cancel).
+
+
+@dataclass(frozen=True)
+class Term:
+    """The unlikelihood term requested of a CLO loss call: weight * L_UL over ``mask``'s sequences."""
+
+    weight: float
+    mask: torch.Tensor | None
+    num_tokens: int | float | torch.Tensor | None
+    ignore_index: int
+
+    def value(self, batch, weight, bias, tok, *, softcap) -> torch.Tensor:
+        """L_UL by the u-product route, from differentiable token log-probs (the two-pass paths)."""
+        return from_token_logps(batch, weight, bias, tok, mask=self.mask, softcap=softcap,
+                                ignore_index=self.ignore_index, num_tokens=self.num_tokens)
+
+    def by_chunk(self, batch, order: torch.Tensor, bounds, *, vocab_size: int) -> tuple[list, torch.Tensor]:
+        """([the Chunk of each [start, end) of ``order``, None without candidates], the denominator).
+        Two host syncs: the token counts per sequence and the cuts between chunks."""
+        rows, tokens, count = candidate_pairs(batch, self.mask, vocab_size=vocab_size, ignore_index=self.ignore_index)
+        den = _as_denominator(self.num_tokens if self.num_tokens is not None else max(count, 1),
+                              torch.zeros((), device=order.device))
+        at = torch.full((batch.labels.numel(),), -1, dtype=torch.long, device=order.device)
+        at[order] = torch.arange(order.numel(), device=order.device)
+        local, perm = at[rows].sort()
+        tokens = tokens[perm]
+        starts = torch.tensor([s for s, _ in bounds], dtype=torch.long, device=order.device)
+        cuts = torch.searchsorted(local, starts).tolist() + [local.numel()]
+        chunks = [Chunk(local[c0:c1] - s, tokens[c0:c1], self.weight / den) if c1 > c0 else None
+                  for (s, _), c0, c1 in zip(bounds, cuts, cuts[1:], strict=False)]
+        return chunks, den
+
+
+@dataclass
+class Chunk:
+    """One chunk's candidates: their rows in the chunk and ids, and the scale a = weight / den."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    a: torch.Tensor
+    u_c: torch.Tensor | None = None  # fp32 pre-softcap logits at the candidates
+    u_y: torch.Tensor | None = None  # and at the labels
+    p: torch.Tensor | None = None  # the candidates' probabilities
+    aw: torch.Tensor | None = None  # a * w_c
+    aW: torch.Tensor | None = None  # a * W_t per row of the chunk
+
+    def read(self, z: torch.Tensor, y: torch.Tensor, bias) -> None:
+        """Before the row pass (which may overwrite z): the logits the fold needs."""
+        self.u_c = z[self.rows, self.tokens].float()
+        self.u_y = z.gather(1, y[:, None]).squeeze(1).float()
+        if bias is not None:
+            self.u_c = self.u_c + bias[self.tokens].float()
+            self.u_y = self.u_y + bias[y].float()
+
+    def value(self, lse: torch.Tensor, *, softcap) -> torch.Tensor:
+        """sum over the chunk's candidates of -log(1 - p_t(c)), from the rows' logsumexp."""
+        self.p = (capped(self.u_c, softcap)[0] - lse[self.rows]).exp()
+        return -torch.log1p(-self.p.clamp(max=P_MAX)).sum()
+
+    def scale(self, g: torch.Tensor) -> torch.Tensor:
+        """The per-row scale the row kernels run with: g_t + a W_t."""
+        p = self.p
+        self.aw = self.a * torch.where(p < P_MAX, p / (1.0 - p), 0.0)
+        self.aW = torch.zeros_like(g).index_add_(0, self.rows, self.aw)
+        return g + self.aW
+
+    def correct(self, dz: torch.Tensor, y: torch.Tensor, g: torch.Tensor, logp: torch.Tensor, *, softcap,
+                db: torch.Tensor | None) -> None:
+        """Rewrites dL/dz at the candidates and the labels (fp32, then dz's dtype); db gets the
+        difference to what the row kernels added."""
+        d_c = self.aw - (g[self.rows] + self.aW[self.rows]) * self.p
+        p_y = logp.exp()
+        d_y = g * (1.0 - p_y) - self.aW * p_y
+        cap_c = cap_y = None
+        if softcap is not None:
+            cap_c = 1.0 - capped(self.u_c, softcap)[1] ** 2
+            cap_y = 1.0 - capped(self.u_y, softcap)[1] ** 2
+            d_c, d_y = d_c * cap_c, d_y * cap_y
+        rows = torch.arange(y.numel(), device=y.device)
+        dz[rows, y] = d_y.to(dz.dtype)
+        dz[self.rows, self.tokens] = d_c.to(dz.dtype)
+        if db is not None:
+            db.index_add_(0, self.tokens, self.aw if cap_c is None else self.aw * cap_c)
+            db.index_add_(0, y, -self.aW if cap_y is None else -self.aW * cap_y)

@@ -24,7 +24,9 @@ import clo_kernels as ck
 LAYOUTS = ("contiguous", "strided", "offset", "transposed")
 FLOATS = ("hidden", "weight", "bias", "ref_logps", "logits")
 GRADS = ("hidden", "weight", "bias", "logits")  # the differentiable arguments
-FUNCTIONS = ("fused_linear_clo_loss", "module", "sequence_logps", "clo_loss_from_logits", "unlikelihood_loss")
+FUNCTIONS = ("fused_linear_clo_loss", "module", "sequence_logps", "clo_loss_from_logits", "unlikelihood_loss",
+             "fused_with_unlikelihood")
+UL_WEIGHT = 5.0  # fused_with_unlikelihood: large enough that the term shows in every gradient
 MIXES = [("all", how) for how in LAYOUTS] + [("mix", seed) for seed in range(4)]  # mixes: unshifted labels
 
 
@@ -97,6 +99,10 @@ def _call(fn: str, args: dict, impl: str, loss_kw: dict):
         ul = ck.unlikelihood_loss(args["hidden"], args["weight"], args["labels"], **head, mask=args["nll_mask"],
                                   shift=loss_kw["shift"], impl=impl)
         return ul, ul.detach().reshape(1), ("hidden", "weight", "bias")
+    if fn == "fused_with_unlikelihood":  # nll_mask also as the unlikelihood mask
+        out = ck.fused_linear_clo_loss(args["hidden"], args["weight"], args["labels"], **head, **pairs, **loss_kw,
+                                       unlikelihood=UL_WEIGHT, unlikelihood_mask=args["nll_mask"], impl=impl)
+        return out.loss, out.logps, ("hidden", "weight", "bias")
     out = ck.clo_loss_from_logits(args["logits"], args["labels"], seq_ids=args.get("seq_ids"), **pairs, **loss_kw,
                                   impl=impl)
     return out.loss, out.logps, ("logits",)
@@ -117,6 +123,10 @@ def _oracle(fn: str, case: dict, loss_kw: dict):
     else:
         loss, logps, _ = oracle(leaves["hidden"], leaves["weight"], case["labels"], bias=leaves["bias"],
                                 seq_ids=case.get("seq_ids"), **pairs, **loss_kw)
+        if fn == "fused_with_unlikelihood":
+            loss = loss + UL_WEIGHT * oracle_unlikelihood(
+                leaves["hidden"], leaves["weight"], case["labels"], bias=leaves["bias"], seq_ids=case.get("seq_ids"),
+                mask=case["nll_mask"], shift=loss_kw["shift"])
         if fn == "sequence_logps":
             loss = (logps * torch.linspace(0.5, 1.5, logps.numel(), dtype=torch.float64)).sum()
     gs = torch.autograd.grad(loss, [leaves[k] for k in GRADS], allow_unused=True)

@@ -1,4 +1,5 @@
-"""unlikelihood_loss on every impl against the float64 oracle: value and gradients."""
+"""unlikelihood_loss, and the term folded into fused_linear_clo_loss, on every impl against the
+float64 oracle: value and gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from conftest import VARIANTS, impl_kwargs
 from helpers import IGNORE, grads, make_case, rel_err
-from oracle import oracle_unlikelihood
+from oracle import oracle, oracle_unlikelihood
 
 import clo_kernels as ck
 
@@ -125,3 +126,83 @@ def test_half_precision_no_worse_than_pytorch(impl, dtype, device):
     for name in g:
         assert g[name].dtype == dtype
         assert rel_err(g[name], w[name]) <= rel_err(b[name], w[name]) + 2e-3, name
+
+
+# ----------------------------------------------------------------------------- folded into the CLO loss
+
+FOLD_WEIGHT = 40.0  # the term's gradient then outweighs the CLO loss's: a wrong fold shows at 1e-5
+FOLD_CASES = {
+    "plain": ({}, {}),
+    "shift_mask": ({}, dict(shift=True, mask="chosen")),
+    "softcap_bias": (dict(bias=True), dict(softcap=8.0, shift=True)),
+    "packed_bias_softcap_ref": (dict(packed=True, bias=True, ref=True), dict(shift=True, softcap=6.0, mask="chosen")),
+    "global_denominators": ({}, dict(num_tokens=37.0, num_pairs=3.0, num_nll_tokens=11.0, average_logps=True)),
+    "odd_vocab": (dict(V=1000, D=24, S=4, T=29, empty_seq=3), dict(shift=True)),  # falls back in the *-chunks
+}
+
+
+def _fold_call(batch, loss_kw, weight, impl_kw):
+    kw = _kwargs(batch, loss_kw)
+    ul_kw = {"mask": kw.pop("mask", None), "num_tokens": kw.pop("num_tokens", None)}
+    clo_kw = {k: batch[k] for k in ("chosen", "rejected", "nll_mask", "ref_logps") if k in batch}
+    args = (batch["hidden"], batch["weight"], batch["labels"])
+    got = ck.fused_linear_clo_loss(*args, **clo_kw, **kw, unlikelihood=weight, unlikelihood_mask=ul_kw["mask"],
+                                   num_unlikelihood_tokens=ul_kw["num_tokens"], **impl_kw)
+    ul = oracle_unlikelihood(*args, **{k: v for k, v in kw.items() if k in ("seq_ids", "bias", "softcap", "shift")},
+                             **ul_kw)
+    return got, oracle(*args, **clo_kw, **kw)[0] + weight * ul, ul
+
+
+@pytest.mark.filterwarnings("ignore:clo_kernels. the one-pass loss cannot take this layout")
+@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("case", list(FOLD_CASES))
+def test_folded_into_the_clo_loss_matches_oracle(case, impl, device):
+    """loss = CLO + unlikelihood * L_UL, metrics["unlikelihood"] = L_UL, and the gradients."""
+    make_kw, loss_kw = FOLD_CASES[case]
+    batch = _case(device=device, seed=3 + len(case), **make_kw)
+    got, want, ul = _fold_call(batch, loss_kw, FOLD_WEIGHT, impl_kwargs(impl))
+    assert ul.item() > 0.005
+    assert got.metrics["unlikelihood"].item() == pytest.approx(ul.item(), rel=1e-5)
+    assert got.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    g, w = grads(got.loss, batch), grads(want, batch)
+    for name in g:
+        assert rel_err(g[name], w[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("impl", ["torch-chunks", "triton-chunks"])
+def test_folded_without_gradients(impl, device):
+    """Under no_grad the one-pass forward cuts sequences across chunks: the value still holds."""
+    if impl not in VARIANTS:
+        pytest.skip("needs triton")
+    batch = _case(device=device, seed=4, bias=True, T=40)
+    with torch.no_grad():
+        got, want, ul = _fold_call(batch, dict(shift=True, softcap=8.0), 2.0, impl_kwargs(impl))
+    assert got.metrics["unlikelihood"].item() == pytest.approx(ul.item(), rel=1e-5)
+    assert got.loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_folded_term_near_certain_repeats(device):
+    """Candidates with p near 1 (the loops the term is for), bf16: the fold writes their dL/dz in
+    fp32 rather than adding a w_c to the row kernels' 16-bit -(g + a W) p_c, which it nearly
+    cancels (that way the gradients are off by several times their size). Naive PyTorch in bf16
+    is worse still here (its log(1 - p) rounds), so the bound is absolute: bf16 rounding of dz."""
+    batch = _case(device=device, dtype=torch.bfloat16, seed=5, alphabet=3, bias=True)
+    with torch.no_grad():
+        batch["weight"][:3] *= 3.0  # the 3 response tokens take nearly all the probability
+    got, want, ul = _fold_call(batch, dict(shift=True), FOLD_WEIGHT, {"impl": "torch"})
+    assert ul.item() > 1.0  # the term is large here
+    g, w = grads(got.loss, batch), grads(want, batch)
+    for name in g:
+        assert rel_err(g[name], w[name]) < 1e-2, name
+
+
+def test_folded_bad_input_is_named():
+    batch = make_case(S=4, empty_seq=None)
+    args = (batch["hidden"], batch["weight"], batch["labels"])
+    pairs = {k: batch[k] for k in ("chosen", "rejected", "nll_mask")}
+    with pytest.raises(ValueError, match="unlikelihood must be a finite weight >= 0"):
+        ck.fused_linear_clo_loss(*args, **pairs, unlikelihood=-1.0)
+    with pytest.raises(ValueError, match="unlikelihood_mask must have shape"):
+        ck.fused_linear_clo_loss(*args, **pairs, unlikelihood=1.0, unlikelihood_mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_unlikelihood_tokens must be > 0"):
+        ck.fused_linear_clo_loss(*args, **pairs, unlikelihood=1.0, num_unlikelihood_tokens=0)
