@@ -177,9 +177,9 @@ def clo_trainer(tok, tmp_path, data=None, **kw) -> CLOTrainer:
                       train_dataset=data if data is not None else demo_quads(), processing_class=tok)
 
 
-@pytest.mark.parametrize("precompute", [False, True])
-def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, tok, tmp_path):
-    trainer = clo_trainer(tok, tmp_path, precompute_ref_log_probs=precompute)
+@pytest.mark.parametrize(("precompute", "unlikelihood"), [(False, 0.0), (True, 0.0), (False, 50.0)])
+def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, unlikelihood, tok, tmp_path):
+    trainer = clo_trainer(tok, tmp_path, precompute_ref_log_probs=precompute, unlikelihood=unlikelihood)
     quads = D.demo_quads("train")[:2]
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     # the CLO order: sequence 4q + k is quad q's k-th (prompt, response) in its chat template
@@ -203,8 +203,13 @@ def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, to
     c, r, m = ck.quad_pairs(2)
     expected = ck.fused_linear_clo_loss(hidden.double(), model.lm_head.weight.double(), batch["labels"], chosen=c,
                                         rejected=r, nll_mask=m, ref_logps=ref_logps.double(), beta=0.1,
-                                        nll_weight=0.3, shift=True, impl="reference").loss
+                                        nll_weight=0.3, shift=True, unlikelihood=unlikelihood,
+                                        unlikelihood_mask=torch.tensor([True, False, True, False] * 2),
+                                        impl="reference").loss
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if unlikelihood:  # the term is in the loss, far above the tolerance (random heads give it little)
+        assert trainer._metrics["train"]["unlikelihood"]
+        assert unlikelihood * trainer._metrics["train"]["unlikelihood"][-1] > 1e-3 * loss.item()
     (g,) = torch.autograd.grad(loss, model.lm_head.weight)
     (g64,) = torch.autograd.grad(expected, model.lm_head.weight)
     torch.testing.assert_close(g, g64.float(), rtol=1e-4, atol=1e-6)

@@ -133,6 +133,7 @@ class FusedDPOTrainer(DPOTrainer):
                              + ". trl.DPOTrainer has its own head for these.")
         self._impl, self._options = impl, options
         self._loss_scale, self._nll_weight = self._objective_weights(cfg)
+        self._unlikelihood = getattr(cfg, "unlikelihood", 0.0)  # CLOConfig's; DPO has none
         super().__init__(**given)
 
     # ------------------------------------------------------------------------------------------
@@ -159,6 +160,10 @@ class FusedDPOTrainer(DPOTrainer):
         half = torch.arange(num_seqs // 2, device=device)
         nll_mask = torch.arange(num_seqs, device=device) < num_seqs // 2 if self._nll_weight > 0 else None
         return half, half + num_seqs // 2, nll_mask
+
+    def _unlikelihood_mask(self, num_seqs: int, device) -> torch.Tensor | None:
+        """The sequences the unlikelihood term covers (CLO: the chosen responses)."""
+        return None
 
     @staticmethod
     def _stored_reference(inputs) -> torch.Tensor:
@@ -226,7 +231,9 @@ class FusedDPOTrainer(DPOTrainer):
             return fused_linear_clo_loss(
                 hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
                 ref_logps=ref.to(hidden.device), beta=self.beta, nll_weight=self._nll_weight, bias=bias,
-                softcap=softcap, shift=True, impl=self._impl, options=self._options)
+                softcap=softcap, shift=True, unlikelihood=self._unlikelihood,
+                unlikelihood_mask=self._unlikelihood_mask(labels.shape[0], labels.device), impl=self._impl,
+                options=self._options)
 
         out = self._head(model, inputs, fn)
         loss = out.loss if self._loss_scale == 1.0 else out.loss * self._loss_scale
@@ -246,8 +253,8 @@ class FusedDPOTrainer(DPOTrainer):
                             ("rewards/margins", c_rewards - r_rewards),
                             ("logps/chosen", logps[chosen]), ("logps/rejected", logps[rejected])):
             metrics[name].append(gather(value).mean().item())
-        if nll:
-            metrics["nll"].append(gather(out.metrics["nll"].reshape(1)).mean().item())
+        for name in ("nll",) * nll + ("unlikelihood",) * ("unlikelihood" in out.metrics):
+            metrics[name].append(gather(out.metrics[name].reshape(1)).mean().item())
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
@@ -264,6 +271,9 @@ class CLOConfig(DPOConfig):
 
     nll_weight: float = field(default=0.5, metadata={"help": "lambda: weight of the target-language NLL; the two "
                                                              "pair kinds get 1 - lambda"})
+    unlikelihood: float = field(default=0.0, metadata={"help": "weight of token-level unlikelihood on the chosen "
+                                                                 "responses (clo train's --unlikelihood; 0: the "
+                                                                 "paper's loss)"})
     on_bad_row: str = field(default="error", metadata={"help": "a bad quad: 'error' stops naming it, 'skip' drops "
                                                                "it and counts it in the log"})
 
@@ -304,6 +314,7 @@ class CLOTrainer(FusedDPOTrainer):
         elif not isinstance(given["args"], CLOConfig):
             raise TypeError(f"CLOTrainer needs args=CLOConfig(...), got {type(given['args']).__name__}")
         _inputs.check_scalars(beta=given["args"].beta, nll_weight=given["args"].nll_weight, softcap=None)
+        _inputs.check_unlikelihood(given["args"].unlikelihood)
         tok = given["processing_class"]
         if tok is None:
             raise ValueError("CLOTrainer needs processing_class (the tokenizer whose chat template encodes the quads)")
@@ -329,6 +340,10 @@ class CLOTrainer(FusedDPOTrainer):
     def _layout(self, num_seqs: int, device):
         chosen, rejected, nll_mask = quad_pairs(num_seqs // len(LAYOUTS["clo"].sequences), device=device)
         return chosen, rejected, nll_mask if self._nll_weight > 0 else None
+
+    def _unlikelihood_mask(self, num_seqs: int, device) -> torch.Tensor:
+        layout = LAYOUTS["clo"]
+        return layout.mask(layout.positives, num_seqs // len(layout.sequences), device)
 
     @staticmethod
     def _stored_reference(inputs) -> torch.Tensor:
