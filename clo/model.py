@@ -186,6 +186,8 @@ def _config(model: nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Backbone and head
 
+GROUP_OVERHEAD = 32  # padded positions one extra backbone forward is worth (length_groups; NOTES.md)
+
 
 def split_lm(model: nn.Module) -> SplitLM:
     """Backbone, head and softcap (clo_kernels.integrations.hf.split_lm), refusals as UserError."""
@@ -195,13 +197,58 @@ def split_lm(model: nn.Module) -> SplitLM:
         raise UserError(str(err)) from None
 
 
-def hidden_states(split: SplitLM, batch: dict) -> torch.Tensor:
-    """Final hidden states for a collated batch: (S, T, D) padded or (N, D) packed."""
+def length_groups(lengths: list[int], *, overhead: int) -> list[list[int]]:
+    """Rows of a right-padded batch in groups of similar length, each its own forward: the
+    partition of the rows sorted by length that minimises the padded positions computed, each
+    extra forward counted as ``overhead`` positions (a small dynamic programme over S rows)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[k]: cost of the first k rows (longest first)
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        for j in range(k):  # rows j..k-1 as one group, padded to the length of row j
+            cost = best[j] + (k - j) * lengths[order[j]] + overhead
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    groups, k = [], n
+    while k:
+        groups.append(order[cut[k]:k])
+        k = cut[k]
+    return groups[::-1]
+
+
+def hidden_states(split: SplitLM, batch: dict, *, group_lengths: bool = False) -> torch.Tensor:
+    """Final hidden states for a collated batch: (S, T, D) padded or (N, D) packed.
+
+    group_lengths: run a padded batch's rows in groups of similar length (length_groups), each
+    cut to its own longest row, so fewer padded positions go through the backbone. Worth it on
+    the CPU, where a padded position costs what a real one does (benchmarks/NOTES.md); the
+    real tokens' states are those of the one padded forward (right padding, causal attention)."""
     device = split.head.weight.device
+    if group_lengths and "seq_ids" not in batch and "attention_mask" in batch:
+        mask = batch["attention_mask"]
+        groups = length_groups(mask.sum(1).tolist(), overhead=GROUP_OVERHEAD)
+        if len(groups) > 1:
+            T = mask.shape[1]
+            parts, rows = [], []
+            for g in groups:
+                idx = torch.tensor(g)
+                n = int(mask[idx].sum(1).max())
+                h = _backbone(split, {"input_ids": batch["input_ids"][idx, :n], "attention_mask": mask[idx, :n]},
+                              device)
+                parts.append(torch.nn.functional.pad(h, (0, 0, 0, T - n)))
+                rows += g
+            inverse = torch.empty(len(rows), dtype=torch.long)
+            inverse[torch.tensor(rows)] = torch.arange(len(rows))
+            return torch.cat(parts).index_select(0, inverse.to(device))
+    hidden = _backbone(split, batch, device)
+    return hidden[0] if "seq_ids" in batch else hidden
+
+
+def _backbone(split: SplitLM, batch: dict, device) -> torch.Tensor:
     kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"].to(device)
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"].to(device)
-    hidden = split.backbone(**kwargs).last_hidden_state
-    return hidden[0] if "seq_ids" in batch else hidden
+    return split.backbone(**kwargs).last_hidden_state

@@ -70,7 +70,7 @@ OPTIMIZERS = ("adamw", "sgd")
 # Every other option must equal the checkpoint's (max_steps may grow; model and data are
 # compared by fingerprint, so a moved file is fine).
 RESUME_MAY_CHANGE = ("max_steps", "model", "data", "output_dir", "cache_dir", "resume", "overwrite", "device",
-                     "loss_impl", "grad_checkpointing", "dist_timeout_min", "log_every", "save_every",
+                     "loss_impl", "grad_checkpointing", "group_lengths", "dist_timeout_min", "log_every", "save_every",
                      "keep_checkpoints", "tensorboard", "progress", "save_final", "merge_lora")
 # What a run writes into output_dir (the reference cache, keyed by fingerprints, is kept).
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.png", "checkpoints", "final", "trained_quads.json",
@@ -135,6 +135,9 @@ class TrainConfig:
     dist_timeout_min: float = option(30, "minutes a collective may wait (other ranks wait while rank 0 writes a "
                                      "checkpoint)")
     grad_checkpointing: str = option("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))
+    group_lengths: str = option("auto", "run a padded micro-batch's sequences through the model in groups of similar "
+                                "length (fewer padded positions): auto (on the CPU without --fsdp), on or off",
+                                choices=("auto", "on", "off"))
     # output
     output_dir: str = option("runs/clo", "metrics.jsonl, metrics.png, checkpoints/ and final/ go here")
     cache_dir: str | None = option(None, "reference log-prob cache (default: <output-dir>/cache)")
@@ -147,6 +150,10 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log to <output-dir>/tensorboard (needs the tensorboard package)")
     progress: bool = option(True, "show progress bars")
     save_final: bool = option(True, "save the final model to <output-dir>/final")
+
+    def group_lengths_on(self, device: torch.device) -> bool:
+        """Whether padded batches go through the backbone in length groups (clo.model.length_groups)."""
+        return self.group_lengths == "on" or (self.group_lengths == "auto" and device.type == "cpu" and not self.fsdp)
 
     @property
     def quad_layout(self) -> ck.QuadLayout:
@@ -240,13 +247,13 @@ def denominators(batches: list[list[data.Encoded]], method: str) -> Denominators
 # The loss on one micro-batch
 
 
-def head_inputs(split: SplitLM, batch: dict, *, amp_dtype) -> dict:
+def head_inputs(split: SplitLM, batch: dict, *, cfg: TrainConfig, amp_dtype) -> dict:
     """The fused loss's tensor arguments for a collated batch: final hidden states, the head's
     weight and bias (in the autocast dtype: the kernels want one dtype, and the frozen head's
     cast costs no gradient), labels and, when packed, seq_ids."""
     device = split.head.weight.device
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        hidden = hidden_states(split, batch)
+        hidden = hidden_states(split, batch, group_lengths=cfg.group_lengths_on(device))
     weight, bias = split.head.weight, split.head.bias
     if amp_dtype is not None:
         weight, bias = weight.to(amp_dtype), None if bias is None else bias.to(amp_dtype)
@@ -260,7 +267,7 @@ def head_inputs(split: SplitLM, batch: dict, *, amp_dtype) -> dict:
 def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps, den: Denominators, amp_dtype):
     """The fused CLO loss of one collated micro-batch, with ``cfg.unlikelihood`` times the
     unlikelihood of its positive responses folded in; the logits are never materialised."""
-    args = head_inputs(split, batch, amp_dtype=amp_dtype)
+    args = head_inputs(split, batch, cfg=cfg, amp_dtype=amp_dtype)
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     device, num_quads, layout = weight.device, len(batch["quad_ids"]), cfg.quad_layout
     chosen, rejected, nll_mask, nll_weight = loss_layout(cfg.method, num_quads, cfg.nll_weight)
@@ -278,7 +285,7 @@ def micro_step_loss(split: SplitLM, batch: dict, *, cfg: TrainConfig, ref_logps,
 @torch.no_grad()
 def batch_logps(split: SplitLM, batch: dict, *, cfg: TrainConfig, amp_dtype) -> torch.Tensor:
     """(S,) fp32 sequence log-probs of a collated batch, without gradients."""
-    args = head_inputs(split, batch, amp_dtype=amp_dtype)
+    args = head_inputs(split, batch, cfg=cfg, amp_dtype=amp_dtype)
     return ck.sequence_logps(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args,
                              softcap=split.softcap, shift=True, average=cfg.average_logps,
                              impl="reference" if cfg.loss_impl == "reference" else "auto").float()

@@ -243,6 +243,54 @@ def test_packed_and_padded_batches_give_the_same_hidden_states(tok):
     assert sft["num_seqs"] == 4 and torch.equal(sft["input_ids"][1], padded["input_ids"][2][:sft["input_ids"].shape[1]])
 
 
+def test_length_groups_partition_the_rows_at_least_cost():
+    """Every row in one group, and no partition into groups costs fewer padded positions plus
+    overheads (brute force over all set partitions of 6 rows)."""
+    import itertools
+
+    def cost(groups, lengths, overhead):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            for k in range(len(p)):
+                yield p[:k] + [[first, *p[k]]] + p[k + 1:]
+            yield [[first], *p]
+
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        lengths = torch.randint(5, 200, (6,), generator=rng).tolist()
+        overhead = [0, 32, 150, 10_000][trial % 4]
+        groups = M.length_groups(lengths, overhead=overhead)
+        assert sorted(itertools.chain(*groups)) == list(range(6))
+        assert cost(groups, lengths, overhead) == min(cost(p, lengths, overhead) for p in partitions(list(range(6))))
+    assert M.length_groups([7, 9, 8], overhead=10_000) == [[1, 2, 0]]  # one forward where extras cost more
+
+
+def test_length_grouped_forward_gives_the_padded_forward_and_its_gradients(tok):
+    encoded, _ = D.encode_quads(tok, [QUAD, D.Quad("q2", "Hi", "Hello, how can I help you today?", "Hallo",
+                                                   "Hallo, wie kann ich dir heute helfen?")], max_length=128)
+    model = tiny_llama(len(tok))
+    split = M.split_lm(model)
+    padded = D.collate(encoded, pad_id=tok.pad_token_id, layout="padded")
+    mask = padded["attention_mask"].bool()
+    assert len(M.length_groups(mask.sum(1).tolist(), overhead=M.GROUP_OVERHEAD)) > 1  # groups to form
+    weights = torch.randn(*mask.shape, generator=torch.Generator().manual_seed(1)) * mask
+    out = {}
+    for grouped in (False, True):
+        model.zero_grad(set_to_none=True)
+        h = M.hidden_states(split, padded, group_lengths=grouped)
+        assert h.shape == (*mask.shape, model.config.hidden_size)
+        (h.sum(-1) * weights).sum().backward()
+        out[grouped] = h.detach()[mask], model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
+
+
 def test_bundled_demo_set():
     """At least 200 hand-written en/de quads, a held-out split of at least 40, languages right."""
     py3langid = pytest.importorskip("py3langid")
