@@ -12,9 +12,10 @@ chunk holds whole pairs, its gradient is known while its logits are at hand:
     dh[chunk]  = z @ W        dW += z^T @ h[chunk] (fp32)        db += sum_t z_t
 
 6NDV FLOPs in three products per chunk, where a design that recomputes the logits in the
-backward does 8NDV. An unlikelihood term (clo_kernels.unlikelihood.Term) rides along for a gather
-and a scatter per chunk: its candidates' probabilities are read off z before the row pass, the
-row kernels run with the scale g + a W, and dL/dz is rewritten at the candidates and labels. The backward only multiplies the saved gradients by grad_output, and no
+backward does 8NDV. An unlikelihood term (clo_kernels.unlikelihood.Term) rides along for a
+gather and a scatter per chunk: its candidates' probabilities are read off z before the row
+pass, the row kernels run with the scale g + a W, and dL/dz is rewritten at the candidates and
+the labels. The backward only multiplies the saved gradients by grad_output, and no
 gradient work is done under torch.no_grad() or when no input needs a gradient (then only the
 first two lines run: that is also the forward of ``sequence_logps`` without gradients).
 
