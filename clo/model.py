@@ -200,7 +200,8 @@ def split_lm(model: nn.Module) -> SplitLM:
 def length_groups(lengths: list[int], *, overhead: int) -> list[list[int]]:
     """Rows of a right-padded batch in groups of similar length, each its own forward: the
     partition of the rows sorted by length that minimises the padded positions computed, each
-    extra forward counted as ``overhead`` positions (a small dynamic programme over S rows)."""
+    extra forward counted as ``overhead`` positions (a small dynamic programme over S rows).
+    Each group lists its rows longest first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[k]: cost of the first k rows (longest first)
@@ -227,19 +228,19 @@ def hidden_states(split: SplitLM, batch: dict, *, group_lengths: bool = False) -
     device = split.head.weight.device
     if group_lengths and "seq_ids" not in batch and "attention_mask" in batch:
         mask = batch["attention_mask"]
-        groups = length_groups(mask.sum(1).tolist(), overhead=GROUP_OVERHEAD)
+        lengths = mask.sum(1).tolist()
+        groups = length_groups(lengths, overhead=GROUP_OVERHEAD)
         if len(groups) > 1:
             T = mask.shape[1]
-            parts, rows = [], []
+            parts = []
             for g in groups:
-                idx = torch.tensor(g)
-                n = int(mask[idx].sum(1).max())
+                idx, n = torch.tensor(g), lengths[g[0]]  # a group's first row is its longest
                 h = _backbone(split, {"input_ids": batch["input_ids"][idx, :n], "attention_mask": mask[idx, :n]},
                               device)
                 parts.append(torch.nn.functional.pad(h, (0, 0, 0, T - n)))
-                rows += g
-            inverse = torch.empty(len(rows), dtype=torch.long)
-            inverse[torch.tensor(rows)] = torch.arange(len(rows))
+            rows = torch.tensor([i for g in groups for i in g])
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(rows.numel())
             return torch.cat(parts).index_select(0, inverse.to(device))
     hidden = _backbone(split, batch, device)
     return hidden[0] if "seq_ids" in batch else hidden

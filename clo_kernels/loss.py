@@ -190,9 +190,7 @@ def fused_linear_clo_loss(
     tok = token_logps(batch, weight, bias, opts=opts, impl=impl)
     out = clo_objective(tok, batch, **objective)
     if term is not None:
-        ul = term.value(batch, weight, bias, tok, softcap=softcap)
-        out.loss = out.loss + term.weight * ul
-        out.metrics["unlikelihood"] = ul.detach()
+        term.add_to(out, term.value(batch, weight, bias, tok, softcap=softcap))
     return out
 
 

@@ -36,12 +36,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._inputs import TokenBatch, needs_autograd
 from .objective import CLOOutput, clo_objective, denominators, sequence_grad
 from .options import LogProbOptions
+
+if TYPE_CHECKING:  # unlikelihood imports this module
+    from .unlikelihood import Term
 
 _warned: set[str] = set()
 
@@ -183,7 +187,7 @@ class _Loop:
     plan: Plan
     objective: dict  # the clo_objective keywords (chosen, rejected, nll_mask, ref_logps, beta, ...)
     need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
-    unlikelihood: object | None = None  # an unlikelihood.Term folded into the loop, or None
+    unlikelihood: Term | None = None  # folded into the loop
     output: CLOOutput | None = None
     _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
 
@@ -269,8 +273,7 @@ class _Loop:
         with torch.no_grad():
             self.output = clo_objective(mask_token_logps(tok, self.batch), self.batch, **self.objective)
             if self._ul is not None:
-                self.output.loss = self.output.loss + self.unlikelihood.weight * self._ul
-                self.output.metrics["unlikelihood"] = self._ul
+                self.unlikelihood.add_to(self.output, self._ul)
         return grads
 
 

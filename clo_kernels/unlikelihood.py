@@ -78,9 +78,9 @@ def unlikelihood_loss(
                                   shift=shift, ignore_index=ignore_index, validate=validate)
     _inputs.check_seq_tensor("mask", mask, num_seqs=batch.num_seqs, device=hidden.device, kind="bool")
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
-    impl = _inputs.resolve_impl(impl, hidden.device)
-    tok = token_logps(restrict(batch, mask, ignore_index=ignore_index), weight, bias, opts=opts, impl=impl)
-    return from_token_logps(batch, weight, bias, tok, mask=mask, softcap=softcap, ignore_index=ignore_index,
+    batch = restrict(batch, mask, ignore_index=ignore_index)
+    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
+    return from_token_logps(batch, weight, bias, tok, mask=None, softcap=softcap, ignore_index=ignore_index,
                             num_tokens=num_tokens)
 
 
@@ -92,18 +92,24 @@ def restrict(batch: _inputs.TokenBatch, mask: torch.Tensor | None, *, ignore_ind
     return dataclasses.replace(batch, valid=valid, labels=torch.where(valid, batch.labels, ignore_index))
 
 
-def _sequences(batch: _inputs.TokenBatch):
-    """(rows, y) of every sequence with two labelled tokens or more, rows in position order.
-    One host sync (the token counts)."""
+def _sequences(batch: _inputs.TokenBatch) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """([(rows, y) of every sequence with two labelled tokens or more, rows in position order],
+    the number of labelled tokens). One host sync (the token counts)."""
     counts = torch.zeros(batch.num_seqs, dtype=torch.long, device=batch.labels.device).index_add_(
         0, batch.seq_ids, batch.valid.long()).tolist()
     rows = _token_order(batch, list(range(batch.num_seqs)), sum(counts))  # each sequence a "chunk" of its own
-    start = 0
+    out, start = [], 0
     for n in counts:
         if n > 1:
             r = rows[start:start + n]
-            yield r, batch.labels[r]
+            out.append((r, batch.labels[r]))
         start += n
+    return out, sum(counts)
+
+
+def _denominator(num_tokens, count: int, like: torch.Tensor) -> torch.Tensor:
+    """The term's denominator: num_tokens as given, else the count of its tokens (at least 1)."""
+    return _as_denominator(num_tokens if num_tokens is not None else max(count, 1), like)
 
 
 def _candidates(y: torch.Tensor) -> torch.Tensor:
@@ -120,16 +126,14 @@ def candidate_pairs(batch: _inputs.TokenBatch, mask: torch.Tensor | None, *, voc
                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(rows, tokens, count): every candidate as the row of its token t (M,) and its id c (M,),
     and the number of labelled tokens that carry the term (the default denominator)."""
-    batch = restrict(batch, mask, ignore_index=ignore_index)
-    V = vocab_size
+    sequences, count = _sequences(restrict(batch, mask, ignore_index=ignore_index))
     rows, tokens = [], []
-    for r, y in _sequences(batch):
+    for r, y in sequences:
         t, j = _candidates(y).nonzero(as_tuple=True)
         rows.append(r[t])
-        tokens.append(y[j].clamp(0, V - 1))  # out of range only with validate=False: the loss is NaN
+        tokens.append(y[j].clamp(0, vocab_size - 1))  # out of range only with validate=False: the loss is NaN
     empty = batch.labels.new_zeros(0)
-    return (torch.cat(rows) if rows else empty, torch.cat(tokens) if tokens else empty,
-            int(batch.valid.sum()))
+    return torch.cat(rows) if rows else empty, torch.cat(tokens) if tokens else empty, count
 
 
 def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor, *, mask, softcap, ignore_index,
@@ -138,7 +142,8 @@ def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor,
     batch = restrict(batch, mask, ignore_index=ignore_index)
     total = tok.sum() * 0.0  # in the graph even without candidates, as a loss term must be
     V = weight.shape[0]
-    for rows, y in _sequences(batch):
+    sequences, count = _sequences(batch)
+    for rows, y in sequences:
         y = y.clamp(0, V - 1)  # out of range only with validate=False: tok is NaN there
         u = batch.hidden[rows].float() @ weight[y].float().T  # u[t, j] = h_t . W[y_j], before bias and softcap
         if bias is not None:
@@ -147,8 +152,7 @@ def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor,
         logp = u - u.diagonal()[:, None] + tok[rows][:, None]  # log p_t(y_j)
         p = logp.exp().clamp(max=P_MAX)
         total = total + torch.where(_candidates(y), -torch.log1p(-p), 0.0).sum()
-    count = num_tokens if num_tokens is not None else max(int(batch.valid.sum()), 1)
-    return total / _as_denominator(count, total)
+    return total / _denominator(num_tokens, count, total)
 
 
 # ----------------------------------------------------------------------------- the one-pass fold
@@ -177,12 +181,16 @@ class Term:
         return from_token_logps(batch, weight, bias, tok, mask=self.mask, softcap=softcap,
                                 ignore_index=self.ignore_index, num_tokens=self.num_tokens)
 
+    def add_to(self, out, value: torch.Tensor) -> None:
+        """The CLOOutput ``out`` with weight * L_UL in its loss and L_UL (detached) in its metrics."""
+        out.loss = out.loss + self.weight * value
+        out.metrics["unlikelihood"] = value.detach()
+
     def by_chunk(self, batch, order: torch.Tensor, bounds, *, vocab_size: int) -> tuple[list, torch.Tensor]:
         """([the Chunk of each [start, end) of ``order``, None without candidates], the denominator).
         Two host syncs: the token counts per sequence and the cuts between chunks."""
         rows, tokens, count = candidate_pairs(batch, self.mask, vocab_size=vocab_size, ignore_index=self.ignore_index)
-        den = _as_denominator(self.num_tokens if self.num_tokens is not None else max(count, 1),
-                              torch.zeros((), device=order.device))
+        den = _denominator(self.num_tokens, count, torch.zeros((), device=order.device))
         at = torch.full((batch.labels.numel(),), -1, dtype=torch.long, device=order.device)
         at[order] = torch.arange(order.numel(), device=order.device)
         local, perm = at[rows].sort()
