@@ -8,6 +8,8 @@ whenever its memory allows), ``labels`` (N,) already shifted, and ``seq_ids`` (N
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -55,6 +57,44 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_AUTOCAST_CAST = {"linear": ("hidden", "weight", "bias"), "softmax": ()}
+
+
+def autocast_rule(kind: str):
+    """Decorator: a public function follows torch.autocast as PyTorch's own ops of that kind do.
+
+    kind "linear", for fn(hidden, weight, ..., bias=None): under autocast for the first argument's
+    device, hidden, weight and bias are cast to the autocast dtype as F.linear casts its inputs
+    (floating ones, float64 excepted), differentiably, so their gradients come back in their own
+    dtypes. kind "softmax", for fn(logits, ...): no cast (autocast runs softmax-like ops in fp32,
+    which the row kernels do on any input dtype). Either way fn runs with autocast off, so its
+    products stay in the dtype they were given and its fp32 steps stay fp32."""
+    names = _AUTOCAST_CAST[kind]
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        first = next(iter(sig.parameters))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            lead = bound.arguments.get(first)
+            dev = lead.device.type if isinstance(lead, torch.Tensor) else None
+            if dev is None or not torch.is_autocast_enabled(dev):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(dev)
+            for name in names:
+                t = bound.arguments.get(name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                    bound.arguments[name] = t.to(dtype)
+            with torch.autocast(dev, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+
+        return call
+
+    return wrap
+
+
 def _require(cond: bool, exc: type[Exception], msg: str) -> None:
     if not cond:
         raise exc(msg)
@@ -82,7 +122,8 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
              f"hidden must be float32, bfloat16 or float16 (float64 with impl='reference'), got {hidden.dtype}")
     _require(weight.dim() == 2, ValueError, f"weight must be (V, D), got shape {tuple(weight.shape)}")
     _require(weight.dtype == hidden.dtype, TypeError,
-             f"hidden and weight must share one dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
+             f"hidden and weight must share one dtype, got hidden {hidden.dtype} and weight {weight.dtype} (or "
+             "call under torch.autocast, which casts both)")
     _require(hidden.shape[-1] == weight.shape[1], ValueError,
              f"hidden's last dim D={hidden.shape[-1]} differs from weight's D={weight.shape[1]}")
     _require(hidden.device == weight.device, ValueError,

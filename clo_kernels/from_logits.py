@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import _FLOAT_DTYPES, TokenBatch, needs_autograd, resolve_impl
+from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, needs_autograd, resolve_impl
+from .backend import row_ops
 from .loss import mask_token_logps, prepare_clo_batch
 from .objective import CLOOutput, clo_objective
-from .one_pass import row_ops
 
 
 class _LogitsLogProb(torch.autograd.Function):
-    """Per-token log-probs of logits; ops = one_pass.row_ops(impl), the torch or Triton row operations."""
+    """Per-token log-probs of logits; ops = backend.row_ops(impl), the torch or Triton row operations."""
 
     @staticmethod
     def forward(ctx, logits, labels, softcap, inplace, ops):
@@ -48,6 +48,7 @@ def logits_token_logps(batch: TokenBatch, *, softcap, impl: str, inplace: bool) 
     return mask_token_logps(out, batch)
 
 
+@autocast_rule("softmax")
 def clo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._inputs import HeadTensors, TokenBatch, needs_autograd
-from .one_pass import addmm_fp32
+from .backend import addmm_fp32
 from .options import LogProbOptions
 
 

@@ -29,7 +29,7 @@ def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions
 
         out = linear_token_logps_torch(batch, weight, bias, opts=opts)
     else:
-        from .one_pass import triton_module
+        from .backend import triton_module
 
         out = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
     return mask_token_logps(out, batch)
@@ -68,6 +68,7 @@ def prepare_clo_batch(hidden, labels, *, vocab_size, chosen, rejected, nll_mask,
     return batch
 
 
+@_inputs.autocast_rule("linear")
 def sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -108,6 +109,7 @@ def sequence_logps(
     return sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs, average=average)[0]
 
 
+@_inputs.autocast_rule("linear")
 def fused_linear_clo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

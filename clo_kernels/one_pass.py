@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._inputs import TokenBatch, needs_autograd
+from .backend import addmm_fp32, mm_fp32, row_ops, triton_module
 from .objective import CLOOutput, clo_objective, denominators, sequence_grad
 from .options import LogProbOptions
 
@@ -50,26 +51,16 @@ if TYPE_CHECKING:  # unlikelihood imports this module
 _warned: set[str] = set()
 
 
-def triton_module(name: str = "linear_logprob_triton"):
-    """A Triton module of this package, imported on first use (macOS / Windows have no Triton)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ImportError as e:
-        raise ImportError("impl='triton' needs the triton package; use impl='torch' without it") from e
+DZ_TOP = 2.0**12  # fp16 chunks: the largest |g| of a chunk is lifted to [DZ_TOP / 2, DZ_TOP)
 
 
-def row_ops(impl: str):
-    """(rows_forward, rows_grad_into) of impl "torch" or "triton": same signatures, swappable
-    (``rows_forward(z, labels, *, bias, softcap)``, ``rows_grad_into(dl, z, labels, lse, g, *, bias,
-    softcap, db=None)``)."""
-    if impl == "torch":
-        from .linear_logprob_torch import rows_forward, rows_grad_into
+def dz_scale(bound: torch.Tensor) -> torch.Tensor:
+    """The power of two that lifts max(bound) into [DZ_TOP / 2, DZ_TOP), on the device (no host sync).
 
-        return rows_forward, rows_grad_into
-    rows = triton_module("logits_logprob_triton")
-    return rows.rows_forward, rows.rows_grad_into
+    A row's dz entries are at most 2 * bound (|onehot - p| <= 1, an unlikelihood term's parts bounded
+    by |g| + a W), so they stay below 2^13, far inside fp16's 65,504, while entries down to 2^-35 of
+    the largest survive rounding; the products that follow accumulate in fp32."""
+    return torch.exp2(torch.floor(torch.log2(DZ_TOP / bound.amax())).clamp(-100.0, 100.0))
 
 
 def _buffer_dtype(impl: str, hidden: torch.Tensor) -> torch.dtype:
@@ -154,25 +145,10 @@ def fall_back(kind: str, reason: str) -> None:
         _warned.add(kind)
         warnings.warn(f"clo_kernels: the one-pass loss cannot take this layout ({reason}); it runs the two-pass "
                       "path (backward='staged'), which recomputes the logits in the backward", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=5)
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def addmm_fp32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b in fp32 (acc None: a @ b), with 16-bit products accumulated in fp32 (no
-    rounding of a chunk's partial dW to bf16) and no pass over a zero-filled accumulator."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            if acc is None:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (RuntimeError, TypeError):  # PyTorch without mm(out_dtype=) for this dtype
-            warnings.warn("torch.mm(out_dtype=float32) is unavailable: dW falls back to fp32 products, several "
-                          "times slower", RuntimeWarning, stacklevel=3)
-    a, b = a.float(), b.float()
-    return a @ b if acc is None else acc.addmm_(a, b)
 
 
 @dataclass(kw_only=True)
@@ -216,8 +192,16 @@ class _Loop:
             p_den, n_tok = denominators(counts, chosen=obj["chosen"], nll_mask=obj["nll_mask"],
                                         num_pairs=obj["num_pairs"], num_nll_tokens=obj["num_nll_tokens"])
             scale_args = {k: obj[k] for k in ("chosen", "rejected", "nll_mask", "ref_logps", "beta", "nll_weight")}
-        dh = torch.zeros_like(hidden) if need_h else None
+        # fp16 (5 exponent bits) would round every dz entry below 2^-24 to 0 here, before the caller's
+        # loss scale (GradScaler's grad_output) is known. So each chunk's dz carries a power of two
+        # that lifts its largest entry near DZ_TOP, and dh, dW and db stay fp32 in true units (the
+        # scale taken back) until the backward applies grad_output and rounds once. bf16 has fp32's
+        # exponent range and needs none of it.
+        scaled = grads and hidden.dtype == torch.float16
+        dh = torch.zeros(hidden.shape, dtype=torch.float32 if scaled else hidden.dtype, device=hidden.device) \
+            if need_h else None
         dw, db = None, (torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None)
+        dw_sc = None  # scaled: the scale dw is in (that of the last chunk added)
         ul_chunks = [None] * len(self.plan.bounds)
         if self.unlikelihood is not None:
             ul_chunks, ul_den = self.unlikelihood.by_chunk(batch, self.plan.order, self.plan.bounds, vocab_size=V)
@@ -248,23 +232,43 @@ class _Loop:
             g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
                               **scale_args)[s]
             g_rows = g if ul is None else ul.scale(g)
+            sc = None
+            if scaled:  # dL/dz is linear in (g, the term's a): scaling g_rows and the term's parts scales it
+                sc = dz_scale(g.abs() if ul is None else g.abs() + ul.aW)
+                g_rows = g_rows * sc
+            db_rows = None if scaled else db  # scaled: db is summed from the final dz below
             if in_place:  # z := dL/dz (db += its column sums)
-                rows_grad_from_softmax_(z, y, g_rows, inv, db=db)
+                rows_grad_from_softmax_(z, y, g_rows, inv, db=db_rows)
             else:
-                grad_into(z, z, y, lse, g_rows, bias=bias, softcap=opts.softcap, db=db)
+                grad_into(z, z, y, lse, g_rows, bias=bias, softcap=opts.softcap, db=db_rows)
             if ul is not None:
-                ul.correct(z, y, g, logp, softcap=opts.softcap, db=db)
+                ul.correct(z, y, g, logp, softcap=opts.softcap, db=db_rows, factor=sc)
             dz = z.to(hidden.dtype)
+            if sc is None:
+                if need_h:
+                    dh.index_copy_(0, rows, dz @ weight)
+                if need_w:
+                    dw = addmm_fp32(dw, dz.T, h)
+                continue
             if need_h:
-                dh.index_copy_(0, rows, dz @ weight)
-            if need_w:
-                dw = addmm_fp32(dw, dz.T, h)
+                dh.index_copy_(0, rows, mm_fp32(dz, weight).div_(sc))
+            if need_w:  # dw holds dW times the last chunk's scale: an exact power-of-two rescale per chunk
+                dw = addmm_fp32(dw if dw is None else dw.mul_(sc / dw_sc), dz.T, h)
+                dw_sc = sc
+            if need_b:
+                db += dz.sum(0, dtype=torch.float32).div_(sc)
         if self.unlikelihood is not None:
             self._ul = ul_sum / ul_den
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
-            dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if dw is None else dw
-        return tok, (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None)
+            if dw is None:
+                dw = torch.zeros(weight.shape, dtype=torch.float32 if scaled else weight.dtype, device=weight.device)
+            elif scaled:
+                dw.div_(dw_sc)
+            else:
+                dw = dw.to(weight.dtype)
+        # scaled: dh, dW and db stay fp32 for the backward; else in the inputs' dtypes (db is fp32 either way).
+        return tok, (dh, dw, db if scaled or not need_b else db.to(bias.dtype))
 
     def run(self) -> tuple:
         tok, grads = self.token_logps()
@@ -281,11 +285,19 @@ class _OnePassCLO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, loop: _Loop):
         ctx.grads = loop.run()
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
         return loop.output.loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        return (*(None if g is None else g * grad_output for g in ctx.grads), None)
+        grads, ctx.grads = ctx.grads, None  # handed out, not kept: nothing of the loss's size outlives this
+        if grads is None:
+            raise RuntimeError("clo_kernels: the one-pass loss computes its gradients in the forward and hands them "
+                               "out once; for a second backward through it (retain_graph=True) use "
+                               "options=LogProbOptions(backward='staged')")
+        return (*(None if g is None else g.mul_(grad_output).to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)),
+                None)
 
 
 def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str, unlikelihood=None,

@@ -37,6 +37,7 @@ from .options import LogProbOptions
 P_MAX = 1.0 - 1e-6  # keeps log(1 - p) finite where the model is already sure of a repeat
 
 
+@_inputs.autocast_rule("linear")
 def unlikelihood_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -236,12 +237,14 @@ class Chunk:
         return g + self.aW
 
     def correct(self, dz: torch.Tensor, y: torch.Tensor, g: torch.Tensor, logp: torch.Tensor, *, softcap,
-                db: torch.Tensor | None) -> None:
+                db: torch.Tensor | None, factor: torch.Tensor | None = None) -> None:
         """Rewrites dL/dz at the candidates and the labels (fp32, then dz's dtype); db gets the
-        difference to what the row kernels added."""
+        difference to what the row kernels added. factor: the scale the row kernels' g carried."""
         d_c = self.aw - (g[self.rows] + self.aW[self.rows]) * self.p
         p_y = logp.exp()
         d_y = g * (1.0 - p_y) - self.aW * p_y
+        if factor is not None:
+            d_c, d_y = d_c * factor, d_y * factor
         cap_c = cap_y = None
         if softcap is not None:
             cap_c = 1.0 - capped(self.u_c, softcap)[1] ** 2
