@@ -53,7 +53,11 @@ if has tests; then
   first=(tests/test_gpu.py tests/test_one_pass.py tests/test_fused_loss.py tests/test_layouts.py
          tests/test_from_logits.py tests/test_memory.py tests/test_train.py tests/test_distributed.py)
   rest=$(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' "${first[@]}"))
-  timeout 210 python3 -m pytest "${first[@]}" $rest -q --maxfail=10 -p no:cacheprovider 2>&1 \
+  # A clo_kernels RuntimeWarning (a silent fallback: fp32 copies for a missing mm(out_dtype=), a layout
+  # taking the two-pass path) fails the test that meets it; pyproject.toml says the same, this keeps it
+  # so whatever configuration pytest picks up there.
+  timeout 210 python3 -m pytest "${first[@]}" $rest -q --maxfail=10 -p no:cacheprovider \
+    -W "error:clo_kernels:RuntimeWarning" 2>&1 \
     | tee "$RESULTS/gpu_tests.log" || status=1
 fi
 if has head; then

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import resource
 import shutil
 import time
@@ -361,7 +362,7 @@ def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: T
     path /= f"ref-{fingerprints['model']}-{fingerprints['data']}-avg{int(cfg.average_logps)}.pt"
     ref = None
     if d.main:
-        ref = torch.load(path) if path.exists() else torch.full((len(encoded), len(ck.QUAD_SEQUENCES)), float("nan"))
+        ref = load_tensors(path) if path.exists() else torch.full((len(encoded), len(ck.QUAD_SEQUENCES)), float("nan"))
     ref = parallel.broadcast_object(ref, d)
     missing = [i for i in needed if torch.isnan(ref[i]).any()]
     log.info("reference log-probs: %d quads needed, %d cached in %s", len(needed), len(needed) - len(missing), path)
@@ -382,6 +383,18 @@ def cached_reference(objective: nn.Module, encoded, needed: list[int], *, cfg: T
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, renamed, then pointed to by LATEST (atomic renames)
+
+
+def load_tensors(path: Path):
+    """What this project wrote with torch.save (tensors and plain containers), read without running
+    code: torch.load(weights_only=True). A file that needs more, such as a pickle that would import
+    or call something, is refused by name before anything of it runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} holds more than tensors and plain containers, so loading it could run code; "
+                        f"refused ({first}). Use only run folders you trust, or start a new run") from None
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -449,7 +462,7 @@ def _latest(out: Path) -> Path | None:
 
 def load_checkpoint(out: Path) -> dict | None:
     folder = _latest(out)
-    return None if folder is None else torch.load(folder / "state.pt", weights_only=False)
+    return None if folder is None else load_tensors(folder / "state.pt")
 
 
 def checkpoint_meta(out: Path) -> dict | None:
@@ -459,7 +472,7 @@ def checkpoint_meta(out: Path) -> dict | None:
         return None
     if (folder / "meta.json").exists():
         return json.loads((folder / "meta.json").read_text())
-    state = torch.load(folder / "state.pt", weights_only=False)  # written before meta.json existed
+    state = load_tensors(folder / "state.pt")  # written before meta.json existed
     return {k: state.get(k) for k in ("step", "world_size", "device_type", "config", "fingerprints")}
 
 

@@ -46,7 +46,7 @@ def has_mm_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
         torch.mm(a, a, out_dtype=torch.float32)
     except (TypeError, RuntimeError):  # no such keyword / no such kernel (NotImplementedError is a RuntimeError)
         if device_type == "cuda":
-            warnings.warn(f"torch.mm(out_dtype=float32) is unavailable for {dtype} on CUDA in this PyTorch: fp32 "
+            warnings.warn(f"clo_kernels: torch.mm(out_dtype=float32) is unavailable for {dtype} on CUDA here: fp32 "
                           "products of 16-bit operands fall back to fp32 copies, several times slower", RuntimeWarning,
                           stacklevel=3)
         return False

@@ -12,6 +12,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches for a model or data hub: the tests build their models from configs.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -90,3 +90,43 @@ def test_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--output-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "clo train: error: bad run folder second line\n"
+
+
+class _RunsCode:
+    """Pickles as a call of os.mkdir: loading it with weights_only=False would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_resume_from_a_checkpoint_that_would_run_code(tmp_path):
+    """A run folder from someone else: its state.pt (and a reference cache) would run code when
+    unpickled. --resume refuses it by name, nothing runs; the loader refuses the cache the same way."""
+    import torch
+
+    from clo.errors import UserError
+    from clo.train import load_checkpoint, load_tensors
+
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "run" / "checkpoints" / "step-0000002"
+    folder.mkdir(parents=True)
+    torch.save({"step": 2, "world_size": 1, "trainable": {}, "payload": _RunsCode(marker)}, folder / "state.pt")
+    (folder.parent / "LATEST").write_text(folder.name)
+    data = tmp_path / "quads.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    proc = clo("train", "--resume", "--data", str(data), "--max-quads", "1", "--no-progress", "--output-dir",
+               str(tmp_path / "run"), cwd=tmp_path)
+    last = one_line_error(proc, "train")
+    assert f"{folder / 'state.pt'} holds more than tensors" in last and "refused" in last, last
+    with pytest.raises(UserError, match="holds more than tensors"):
+        load_checkpoint(tmp_path / "run")
+    cache = tmp_path / "ref.pt"
+    torch.save(_RunsCode(marker), cache)
+    with pytest.raises(UserError, match=f"{cache} holds more than tensors"):
+        load_tensors(cache)
+    assert not marker.exists()
+    torch.save({"ok": torch.ones(2)}, cache)
+    assert torch.equal(load_tensors(cache)["ok"], torch.ones(2))  # plain tensors still load

@@ -68,7 +68,7 @@ def single(model: str, out: Path, **kw) -> dict:
 
 
 def weights(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=False)["trainable"]
+    return torch.load(out / "checkpoints" / f"step-{step:07d}" / "state.pt", weights_only=True)["trainable"]
 
 
 def cut_back(run: Path, to: Path, *, step: int = 2) -> Path:
@@ -107,8 +107,9 @@ def test_ddp_two_ranks_equal_one_process_on_the_global_batch(runs):
     # the reference pass was split over the ranks and gathered into one cache file
     (ref_ddp,), (ref_one,) = (glob.glob(str(runs / r / "cache" / "ref-*.pt")) for r in ("ddp", "single"))
     assert Path(ref_ddp).name == Path(ref_one).name
-    torch.testing.assert_close(torch.load(ref_ddp), torch.load(ref_one), rtol=1e-6, atol=1e-5, equal_nan=True)
-    assert not torch.load(ref_ddp).isnan().any()  # 4 steps x 2 quads cover all 6 quads
+    ref_ddp, ref_one = (torch.load(f, weights_only=True) for f in (ref_ddp, ref_one))
+    torch.testing.assert_close(ref_ddp, ref_one, rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert not ref_ddp.isnan().any()  # 4 steps x 2 quads cover all 6 quads
     assert load_checkpoint(runs / "ddp")["world_size"] == 2
 
 
@@ -127,7 +128,7 @@ def test_resume_at_another_world_size_is_refused(runs, tied_llama, tmp_path):
     # a checkpoint from before distributed training (no world size; optimizer keyed by index)
     folder = cut / "checkpoints" / f"step-{STEPS:07d}"
     (folder / "meta.json").unlink()  # such checkpoints had only state.pt
-    state = torch.load(folder / "state.pt", weights_only=False)
+    state = torch.load(folder / "state.pt", weights_only=True)
     del state["world_size"]
     torch.save(state, folder / "state.pt")
     with pytest.raises(ValueError, match="predates distributed training"):

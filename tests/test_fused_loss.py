@@ -54,6 +54,7 @@ def _check_metrics(got, want, rtol):
             assert g == pytest.approx(w, rel=rtol, abs=1e-6), k
 
 
+@pytest.mark.filterwarnings("ignore:clo_kernels. the one-pass loss cannot take this layout")  # odd_vocab, *-chunks
 @pytest.mark.parametrize("impl", list(VARIANTS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32_matches_oracle(case, impl, device):
@@ -74,7 +75,7 @@ def test_fp32_matches_oracle(case, impl, device):
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
-@pytest.mark.parametrize("impl", list(VARIANTS))
+@pytest.mark.parametrize("impl", [v for v in VARIANTS if v != "reference"])  # the reference is the baseline
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["shift", "packed_shift_bias"])
 def test_half_precision_no_worse_than_pytorch(case, dtype, impl, device):

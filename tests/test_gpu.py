@@ -1,7 +1,8 @@
 """GPU tests at real head sizes (Llama-3-8B: V = 128256, D = 4096). Skipped without CUDA.
 
 The CPU suite already runs every kernel through the interpreter; these check what only a
-GPU can: the real bf16 tensor-core dot, 64-bit offsets at full size, memory at scale.
+GPU can: the real bf16 tensor-core dot, 64-bit offsets at full size (a buffer past 2^31
+elements), memory at scale.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import rel_err
+from oracle import oracle
 
 import clo_kernels as ck
 
@@ -37,11 +39,19 @@ def _loss_and_grads(h, w, y, kw, impl, cast=None):
     return out.loss.detach().double(), out.logps.double(), gh, gw
 
 
+def _oracle_loss_and_grads(h, w, y, kw):
+    """The independent float64 oracle (tests/oracle.py) on the same inputs: loss, logps, dh, dW."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss, logps, _ = oracle(h64, w64, y, **kw)
+    gh, gw = torch.autograd.grad(loss, [h64, w64])
+    return loss.detach(), logps.detach(), gh, gw
+
+
 @pytest.mark.parametrize("backward", ["one_pass", "staged", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_real_size_against_fp64(dtype, backward):
     h, w, y, kw = _batch(dtype)
-    want = _loss_and_grads(h, w, y, kw, "reference", cast=torch.float64)
+    want = _oracle_loss_and_grads(h, w, y, kw)
     got = _loss_and_grads(h, w, y, dict(kw, options=ck.LogProbOptions(backward=backward)), "triton")
     base = _loss_and_grads(h, w, y, kw, "reference")  # same-dtype PyTorch
     for i, name in enumerate(["loss", "logps", "dhidden", "dweight"]):
@@ -49,6 +59,22 @@ def test_triton_real_size_against_fp64(dtype, backward):
         err, err_base = rel_err(got[i], want[i]), rel_err(base[i], want[i])
         tol = 1e-5 if dtype == torch.float32 else 1e-3
         assert err <= err_base + tol, (name, err, err_base)
+
+
+@pytest.mark.parametrize("backward", ["one_pass", "staged"])
+def test_a_buffer_past_2_31_elements(backward):
+    """64-bit offsets at full size: one [chunk, V] buffer of about 2.6e9 elements (past 2^31) holds
+    every token, against the same loss in the default chunks (about 4,200 tokens, 5.4e8 elements)."""
+    h, w, y, kw = _batch(torch.bfloat16, S=80, T=288, seed=2)
+    big = ck.LogProbOptions(backward=backward, chunk_bytes=5 * 2**30)
+    rows = big.chunk_rows(V, 2, h.device)
+    tokens = h.shape[0] * h.shape[1] if backward == "staged" else int((y[:, 1:] != -100).sum())
+    assert min(rows, tokens) * V > 2**31  # the buffer the call allocates
+    got = _loss_and_grads(h, w, y, dict(kw, options=big), "triton")
+    want = _loss_and_grads(h, w, y, dict(kw, options=ck.LogProbOptions(backward=backward)), "triton")
+    for i, name in enumerate(["loss", "logps", "dhidden", "dweight"]):
+        assert torch.isfinite(got[i]).all(), name
+        assert rel_err(got[i], want[i]) < 1e-3, name
 
 
 def test_atomic_exact_mode_matches_filtered_bf16():

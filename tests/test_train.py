@@ -138,8 +138,8 @@ def test_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     for a, b in zip(full, cut, strict=True):
         for key in ("loss", "nll", "rewards/margins", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    wa = torch.load(tmp_path / "full" / "checkpoints" / "step-0000006" / "state.pt")["trainable"]
-    wb = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000006" / "state.pt")["trainable"]
+    wa = torch.load(tmp_path / "full" / "checkpoints" / "step-0000006" / "state.pt", weights_only=True)["trainable"]
+    wb = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000006" / "state.pt", weights_only=True)["trainable"]
     for n in wa:
         torch.testing.assert_close(wa[n], wb[n], rtol=1e-6, atol=1e-8)
 

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset
+from oracle import oracle, oracle_unlikelihood
 from trainer_fixtures import tiny_llama
 from trl import DPOConfig, DPOTrainer
 
@@ -201,11 +202,13 @@ def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, un
     loss = trainer.compute_loss(model, batch)
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     c, r, m = ck.quad_pairs(2)
-    expected = ck.fused_linear_clo_loss(hidden.double(), model.lm_head.weight.double(), batch["labels"], chosen=c,
-                                        rejected=r, nll_mask=m, ref_logps=ref_logps.double(), beta=0.1,
-                                        nll_weight=0.3, shift=True, unlikelihood=unlikelihood,
-                                        unlikelihood_mask=torch.tensor([True, False, True, False] * 2),
-                                        impl="reference").loss
+    # the independent float64 oracle (tests/oracle.py), not a path of the library
+    args = (hidden, model.lm_head.weight, batch["labels"])
+    expected = oracle(*args, chosen=c, rejected=r, nll_mask=m, ref_logps=ref_logps.double(), beta=0.1,
+                      nll_weight=0.3, shift=True)[0]
+    if unlikelihood:
+        ul_mask = torch.tensor([True, False, True, False] * 2)
+        expected = expected + unlikelihood * oracle_unlikelihood(*args, mask=ul_mask, shift=True)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     if unlikelihood:  # the term is in the loss, far above the tolerance (random heads give it little)
         assert trainer._metrics["train"]["unlikelihood"]
