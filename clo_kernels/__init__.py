@@ -8,8 +8,8 @@ Importing this package needs only torch: Triton is loaded on the first impl="tri
 """
 
 from .from_logits import clo_loss_from_logits
-from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, sequence_logps
-from .objective import CLOOutput
+from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
+from .objective import CLOObjective, CLOOutput
 from .options import LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
 from .unlikelihood import unlikelihood_loss
@@ -17,6 +17,7 @@ from .unlikelihood import unlikelihood_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLOObjective",
     "CLOOutput",
     "FusedLinearCLOLoss",
     "LAYOUTS",
@@ -25,6 +26,7 @@ __all__ = [
     "QuadLayout",
     "clo_loss_from_logits",
     "fused_linear_clo_loss",
+    "fused_linear_sequence_loss",
     "quad_pairs",
     "sequence_logps",
     "unlikelihood_loss",

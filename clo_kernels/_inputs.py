@@ -223,6 +223,14 @@ def prepare_batch(
     return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_token=bad_token)
 
 
+def mask_token_logps(out: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range tokens."""
+    out = torch.where(batch.valid, out, 0.0)
+    if batch.bad_token is not None:
+        out = torch.where(batch.bad_token, float("nan"), out)
+    return out
+
+
 def check_pairs(
     chosen: torch.Tensor, rejected: torch.Tensor, *, num_seqs: int, device: torch.device, validate: bool
 ) -> None:

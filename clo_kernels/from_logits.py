@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, needs_autograd, resolve_impl
+from . import _inputs
+from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, mask_token_logps, needs_autograd, resolve_impl
 from .backend import row_ops
-from .loss import mask_token_logps, prepare_clo_batch
-from .objective import CLOOutput, clo_objective
+from .loss import prepare_loss_batch
+from .objective import CLOObjective, CLOOutput
 
 
 class _LogitsLogProb(torch.autograd.Function):
@@ -81,14 +82,14 @@ def clo_loss_from_logits(
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
         raise TypeError("logits must be a float32, bfloat16 or float16 tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
-    batch = prepare_clo_batch(logits, labels, vocab_size=logits.shape[-1], chosen=chosen, rejected=rejected,
-                              nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
-                              beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
-                              ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
-                              impl=impl, validate=validate)
+    _inputs.check_impl(impl)
+    objective = CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
+                             nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
+                             num_nll_tokens=num_nll_tokens)
+    batch = prepare_loss_batch(logits, labels, objective, vocab_size=logits.shape[-1], seq_ids=seq_ids,
+                               num_seqs=num_seqs, softcap=softcap, shift=shift, ignore_index=ignore_index, impl=impl,
+                               validate=validate)
     if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
         raise ValueError("inplace_backward needs logits whose rows are contiguous")
     tok = logits_token_logps(batch, softcap=softcap, impl=resolve_impl(impl, logits.device), inplace=inplace_backward)
-    return clo_objective(tok, batch, chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps,
-                         beta=beta, nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
-                         num_nll_tokens=num_nll_tokens)
+    return objective.output(tok, batch)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _inputs
-from .objective import CLOOutput, clo_objective, sequence_sums
+from .objective import CLOObjective, CLOOutput, sequence_sums
 from .options import LogProbOptions
 
 
@@ -19,7 +19,7 @@ def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions
         # matmul rate into a reused buffer.
         from .one_pass import forward_token_logps
 
-        return mask_token_logps(forward_token_logps(batch, weight, bias, opts=opts, impl=impl), batch)
+        return _inputs.mask_token_logps(forward_token_logps(batch, weight, bias, opts=opts, impl=impl), batch)
     if impl == "reference":
         from .reference import reference_token_logps
 
@@ -32,15 +32,7 @@ def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions
         from .backend import triton_module
 
         out = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
-    return mask_token_logps(out, batch)
-
-
-def mask_token_logps(out: torch.Tensor, batch: _inputs.TokenBatch) -> torch.Tensor:
-    """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range tokens."""
-    out = torch.where(batch.valid, out, 0.0)
-    if batch.bad_token is not None:
-        out = torch.where(batch.bad_token, float("nan"), out)
-    return out
+    return _inputs.mask_token_logps(out, batch)
 
 
 def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: float | None) -> LogProbOptions:
@@ -49,22 +41,19 @@ def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: floa
     return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap)
 
 
-def prepare_clo_batch(hidden, labels, *, vocab_size, chosen, rejected, nll_mask, ref_logps, seq_ids, num_seqs,
-                      beta, nll_weight, softcap, shift, ignore_index, num_pairs, num_nll_tokens, impl,
-                      validate) -> _inputs.TokenBatch:
-    """Every check of a CLO loss call (hidden may be logits, D = V), then the token layout."""
+def prepare_loss_batch(hidden, labels, objective: CLOObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
+                       ignore_index, impl, validate) -> _inputs.TokenBatch:
+    """Every check of a loss call (hidden may be logits, D = V; the objective checked its own
+    scalars when it was built), then the token layout."""
     _inputs.check_impl(impl)
-    _inputs.check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
-    _inputs.check_denominator("num_pairs", num_pairs)
-    _inputs.check_denominator("num_nll_tokens", num_nll_tokens)
+    _inputs.check_softcap(softcap)
+    if not isinstance(objective, CLOObjective):
+        raise TypeError(f"objective must be a clo_kernels.CLOObjective, got {type(objective).__name__}")
     if num_seqs is None:
-        num_seqs = _inputs.infer_num_seqs(hidden, nll_mask, ref_logps)
+        num_seqs = _inputs.infer_num_seqs(hidden, *objective.sequence_tensors())
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
                                   shift=shift, ignore_index=ignore_index, validate=validate)
-    device = hidden.device
-    _inputs.check_pairs(chosen, rejected, num_seqs=batch.num_seqs, device=device, validate=validate)
-    _inputs.check_seq_tensor("nll_mask", nll_mask, num_seqs=batch.num_seqs, device=device, kind="bool")
-    _inputs.check_seq_tensor("ref_logps", ref_logps, num_seqs=batch.num_seqs, device=device, kind="float")
+    objective.check(num_seqs=batch.num_seqs, device=hidden.device, validate=validate)
     return batch
 
 
@@ -106,7 +95,8 @@ def sequence_logps(
                                   shift=shift, ignore_index=ignore_index, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
-    return sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs, average=average)[0]
+    sums, counts = sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs)
+    return sums / counts.clamp_min(1.0) if average else sums
 
 
 @_inputs.autocast_rule("linear")
@@ -171,26 +161,73 @@ def fused_linear_clo_loss(
     Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
     """
     _inputs.check_head(hidden, weight, bias, impl=impl)
-    batch = prepare_clo_batch(hidden, labels, vocab_size=weight.shape[0], chosen=chosen, rejected=rejected,
-                              nll_mask=nll_mask, ref_logps=ref_logps, seq_ids=seq_ids, num_seqs=num_seqs,
-                              beta=beta, nll_weight=nll_weight, softcap=softcap, shift=shift,
-                              ignore_index=ignore_index, num_pairs=num_pairs, num_nll_tokens=num_nll_tokens,
-                              impl=impl, validate=validate)
+    _inputs.check_impl(impl)
+    objective = CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
+                             nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
+                             num_nll_tokens=num_nll_tokens)
+    return _fused_loss(hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias,
+                       softcap=softcap, shift=shift, ignore_index=ignore_index, unlikelihood=unlikelihood,
+                       unlikelihood_mask=unlikelihood_mask, num_unlikelihood_tokens=num_unlikelihood_tokens,
+                       impl=impl, validate=validate, options=options)
+
+
+@_inputs.autocast_rule("linear")
+def fused_linear_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    objective: CLOObjective,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    unlikelihood: float = 0.0,
+    unlikelihood_mask: torch.Tensor | None = None,
+    num_unlikelihood_tokens: int | float | torch.Tensor | None = None,
+    impl: str = "auto",
+    validate: bool = True,
+    options: LogProbOptions | None = None,
+) -> CLOOutput:
+    """A loss over sequence log-probs, ``objective``, straight from hidden states and the lm_head weight.
+
+    The objective (clo_kernels.objective) is plain PyTorch over (S,) per-sequence sums of the
+    response tokens' log-probs and token counts; shapes and every other argument as in
+    ``fused_linear_clo_loss``, which is this function with a ``CLOObjective``. The one-pass path
+    takes its gradient scales by autograd through the objective, chunk by chunk of whole pairs,
+    when the objective is pair-local (``objective.pair_local``); otherwise the two-pass path runs,
+    chosen up front. validate=True on the CPU also checks that claim after the loop.
+    """
+    _inputs.check_head(hidden, weight, bias, impl=impl)
+    return _fused_loss(hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias,
+                       softcap=softcap, shift=shift, ignore_index=ignore_index, unlikelihood=unlikelihood,
+                       unlikelihood_mask=unlikelihood_mask, num_unlikelihood_tokens=num_unlikelihood_tokens,
+                       impl=impl, validate=validate, options=options)
+
+
+def _fused_loss(hidden, weight, labels, objective, *, seq_ids, num_seqs, bias, softcap, shift, ignore_index,
+                unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, impl, validate, options) -> CLOOutput:
+    """The public loss functions after their head check (autocast already applied)."""
+    batch = prepare_loss_batch(hidden, labels, objective, vocab_size=weight.shape[0], seq_ids=seq_ids,
+                               num_seqs=num_seqs, softcap=softcap, shift=shift, ignore_index=ignore_index, impl=impl,
+                               validate=validate)
     term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
                               ignore_index=ignore_index)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     impl = _inputs.resolve_impl(impl, hidden.device)
-    objective = dict(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
-                     nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
-                     num_nll_tokens=num_nll_tokens)
     if impl != "reference" and opts.backward == "one_pass":
         from .one_pass import clo_loss
 
-        out = clo_loss(batch, weight, bias, opts=opts, impl=impl, unlikelihood=term, **objective)
+        # validate on the CPU: the scales the chunks used against the whole objective's gradient
+        # (a host sync, free there; an objective that claimed pair-locality falsely raises).
+        out = clo_loss(batch, weight, bias, objective, opts=opts, impl=impl, unlikelihood=term,
+                       check=validate and hidden.device.type == "cpu")
         if out is not None:
             return out
     tok = token_logps(batch, weight, bias, opts=opts, impl=impl)
-    out = clo_objective(tok, batch, **objective)
+    out = objective.output(tok, batch)
     if term is not None:
         term.add_to(out, term.value(batch, weight, bias, tok, softcap=softcap))
     return out

@@ -1,13 +1,13 @@
 """The one-pass fused CLO loss: the gradient computed in the forward, chunk by chunk of whole pairs.
 
 Every token of sequence s shares one gradient scale g_s = dL/dsums[s], which depends only on
-the pairs s belongs to and on the global denominators (objective.sequence_grad). So once a
+the pairs s belongs to and on the global denominators (objective.sequence_scales). So once a
 chunk holds whole pairs, its gradient is known while its logits are at hand:
 
     z          = h[chunk] @ W^T                 one product into a reused [chunk, V] buffer
     logp, lse  = row pass over z (+ b, softcap)  Triton row kernel on CUDA, PyTorch row blocks on the CPU
     sums[s]   += logp over the chunk's tokens    the chunk's sequences are complete now
-    g          = sequence_grad(sums)[seq]        on the device, no host synchronisation
+    g          = dL/dsums (autograd)[seq]        on the device, no host synchronisation
     z         := g * (onehot(y) - softmax) * softcap'      written over the logits
     dh[chunk]  = z @ W        dW += z^T @ h[chunk] (fp32)        db += sum_t z_t
 
@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._inputs import TokenBatch, needs_autograd
+from ._inputs import TokenBatch, mask_token_logps, needs_autograd
 from .backend import addmm_fp32, mm_fp32, row_ops, triton_module
-from .objective import CLOOutput, clo_objective, denominators, sequence_grad
+from .objective import CLOObjective, CLOOutput, check_locality, sequence_scales
 from .options import LogProbOptions
 
 if TYPE_CHECKING:  # unlikelihood imports this module
@@ -161,11 +161,14 @@ class _Loop:
     opts: LogProbOptions
     impl: str
     plan: Plan
-    objective: dict  # the clo_objective keywords (chosen, rejected, nll_mask, ref_logps, beta, ...)
+    objective: CLOObjective | None  # None: token log-probs only, no loss
     need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
     unlikelihood: Term | None = None  # folded into the loop
+    check: bool = False  # check_locality at the end (one host sync)
     output: CLOOutput | None = None
+    scales: torch.Tensor | None = None  # (S,) the g_s the chunks used
     _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
+    _final: tuple | None = None  # (sums, counts) at the end of the loop
 
     def token_logps(self) -> tuple[torch.Tensor, tuple]:
         batch, weight, opts = self.batch, self.weight, self.opts
@@ -187,11 +190,8 @@ class _Loop:
         tok = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         sums = torch.zeros(batch.num_seqs, dtype=torch.float32, device=hidden.device)
         if grads:
-            obj = self.objective
             counts = torch.zeros_like(sums).index_add_(0, seq, batch.valid.float())
-            p_den, n_tok = denominators(counts, chosen=obj["chosen"], nll_mask=obj["nll_mask"],
-                                        num_pairs=obj["num_pairs"], num_nll_tokens=obj["num_nll_tokens"])
-            scale_args = {k: obj[k] for k in ("chosen", "rejected", "nll_mask", "ref_logps", "beta", "nll_weight")}
+            self.scales = torch.full_like(sums, float("nan"))  # the g_s each chunk used, for check_locality
         # fp16 (5 exponent bits) would round every dz entry below 2^-24 to 0 here, before the caller's
         # loss scale (GradScaler's grad_output) is known. So each chunk's dz carries a power of two
         # that lifts its largest entry near DZ_TOP, and dh, dW and db stay fp32 in true units (the
@@ -229,8 +229,8 @@ class _Loop:
                 ul_sum += ul.value(lse, softcap=opts.softcap)
             if not grads:
                 continue
-            g = sequence_grad(sums, counts, average_logps=obj["average_logps"], p_den=p_den, n_tok=n_tok,
-                              **scale_args)[s]
+            g = sequence_scales(self.objective, sums, counts)[s]  # final for the chunk's whole groups
+            self.scales[s] = g
             g_rows = g if ul is None else ul.scale(g)
             sc = None
             if scaled:  # dL/dz is linear in (g, the term's a): scaling g_rows and the term's parts scales it
@@ -259,6 +259,8 @@ class _Loop:
                 db += dz.sum(0, dtype=torch.float32).div_(sc)
         if self.unlikelihood is not None:
             self._ul = ul_sum / ul_den
+        if grads:
+            self._final = (sums, counts)
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
             if dw is None:
@@ -272,10 +274,10 @@ class _Loop:
 
     def run(self) -> tuple:
         tok, grads = self.token_logps()
-        from .loss import mask_token_logps
-
+        if self.check and self.scales is not None:
+            check_locality(self.objective, self.scales, *self._final)
         with torch.no_grad():
-            self.output = clo_objective(mask_token_logps(tok, self.batch), self.batch, **self.objective)
+            self.output = self.objective.output(mask_token_logps(tok, self.batch), self.batch)
             if self._ul is not None:
                 self.unlikelihood.add_to(self.output, self._ul)
         return grads
@@ -300,24 +302,26 @@ class _OnePassCLO(torch.autograd.Function):
                 None)
 
 
-def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str, unlikelihood=None,
-             **objective) -> CLOOutput | None:
-    """The CLO loss of ``batch`` in one pass, plus an unlikelihood.Term folded in, or None where
-    the layout needs the two-pass path (said once per reason). ``objective``: clo_objective's keywords."""
+def clo_loss(batch: TokenBatch, weight, bias, objective: CLOObjective, *, opts: LogProbOptions, impl: str,
+             unlikelihood=None, check: bool = False) -> CLOOutput | None:
+    """``objective``'s loss of ``batch`` in one pass, plus an unlikelihood.Term folded in, or None
+    where it needs the two-pass path: an objective that is not pair-local (chosen up front), or a
+    layout the loop cannot take (said once per reason). check: check_locality after the loop."""
     hidden = batch.hidden
     need = tuple(needs_autograd(t) for t in (hidden, weight, bias))
-    ref = objective.get("ref_logps")
-    if ref is not None and needs_autograd(ref):
+    if any(need) and not objective.pair_local:
+        return None
+    if objective.ref_logps is not None and needs_autograd(objective.ref_logps):
         fall_back("ref grad", "ref_logps requires a gradient")
         return None
     max_rows = _max_rows(opts, impl, hidden, weight.shape[0])
-    plan = plan_chunks(batch, objective["chosen"], objective["rejected"], max_rows=max_rows) if any(need) else \
+    plan = plan_chunks(batch, *objective.pairs(), max_rows=max_rows) if any(need) else \
         plan_chunks(batch, None, None, max_rows=max_rows)
     if isinstance(plan, str):
         fall_back("group size", plan)
         return None
     loop = _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=objective,
-                 need=need, unlikelihood=unlikelihood)
+                 need=need, unlikelihood=unlikelihood, check=check)
     if not any(need):
         loop.run()
         return loop.output
@@ -329,5 +333,5 @@ def clo_loss(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str
 def forward_token_logps(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str) -> torch.Tensor:
     """(N,) fp32 token log-probs without gradients (0 at unlabelled tokens, before masking)."""
     plan = plan_chunks(batch, None, None, max_rows=_max_rows(opts, impl, batch.hidden, weight.shape[0]))
-    return _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective={},
+    return _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=None,
                  need=(False, False, False)).token_logps()[0]

@@ -13,8 +13,7 @@ from oracle import oracle
 
 import clo_kernels as ck
 import clo_kernels.one_pass as OP
-from clo_kernels._inputs import TokenBatch
-from clo_kernels.objective import clo_objective, denominators, sequence_grad
+from clo_kernels.loss import prepare_loss_batch
 
 FUSED = [i for i in impls() if i != "reference"]
 
@@ -39,29 +38,97 @@ def _assert_matches_oracle(out, b, **kw):
         assert rel_err(got[k], ref[k]) < 1e-5, k
 
 
-@pytest.mark.parametrize("average", [False, True])
-@pytest.mark.parametrize("nll", [True, False])
-def test_sequence_grad_is_the_objectives_gradient(average, nll):
-    """dL/dsums from the formula = autograd through clo_objective, for every sequence, with a
-    sequence in two pairs, an empty sequence and global denominators."""
-    g = torch.Generator().manual_seed(0)
-    S = 7
-    counts = torch.tensor([3, 5, 0, 4, 2, 6, 1])
-    seq = torch.arange(S).repeat_interleave(counts)
-    tok = (-torch.rand(seq.numel(), generator=g) * 3).requires_grad_()
-    chosen, rejected = torch.tensor([0, 3, 5, 0]), torch.tensor([1, 4, 6, 2])  # sequence 0 in two pairs
-    nll_mask = torch.tensor([0, 0, 1, 1, 0, 1, 0], dtype=torch.bool) if nll else None
-    ref = -torch.rand(S, generator=g) * 5
-    batch = TokenBatch(hidden=tok[:, None], labels=torch.zeros_like(seq), seq_ids=seq, num_seqs=S,
-                       valid=torch.ones_like(seq, dtype=torch.bool), bad_token=None)
-    kw = dict(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref, beta=0.7, nll_weight=0.3,
-              average_logps=average)
-    loss = clo_objective(tok, batch, **kw, num_pairs=9, num_nll_tokens=13).loss
-    (want,) = torch.autograd.grad(loss, tok)
-    sums = torch.zeros(S).index_add(0, seq, tok.detach())
-    p_den, n_tok = denominators(counts.float(), chosen=chosen, nll_mask=nll_mask, num_pairs=9, num_nll_tokens=13)
-    got = sequence_grad(sums, counts.float(), p_den=p_den, n_tok=n_tok, **kw)[seq]
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+class _BatchScaled(ck.CLOObjective):
+    """The CLO loss times a factor of every sequence's sum: sequence s's gradient scale depends on
+    sums outside its pairs, so this objective is not pair-local (as TRL's aot losses, which rank
+    the pairs across the batch, are not)."""
+
+    pair_local = False
+
+    def loss(self, sums, counts):
+        loss, parts = super().loss(sums, counts)
+        return loss * (1.0 + (sums.sum() / 200.0) ** 2), parts
+
+
+class _FalselyLocal(_BatchScaled):
+    pair_local = True  # the false claim
+
+
+def _oracle_of(objective, b, **kw):
+    """The objective on the float64 oracle's sequence log-probs (tests/oracle.py), differentiable."""
+    logps = oracle(b["hidden"], b["weight"], b["labels"], chosen=objective.chosen, rejected=objective.rejected,
+                   **kw)[1]
+    counts = torch.tensor([float((y[1:] if kw.get("shift") else y).ne(-100).sum()) for y in b["labels"]],
+                          dtype=torch.float64)
+    return type(objective).loss(objective, logps, counts)[0]
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_an_objective_that_is_not_pair_local_takes_the_exact_path(impl, device):
+    """pair_local = False: the two-pass path, chosen up front (no warning): the gradient of the whole
+    objective, against autograd through the float64 oracle's sequence log-probs."""
+    b = make_case(device=device, ref=True, seed=11)
+    c, r, m = ck.quad_pairs(2, device=device)
+    obj = _BatchScaled(chosen=c, rejected=r, nll_mask=m, ref_logps=b["ref_logps"], beta=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, shift=True, impl=impl)
+    want = _oracle_of(obj, b, shift=True)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    got, ref = grads(out, b), grads(want, b)
+    for k in got:
+        assert rel_err(got[k], ref[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_the_locality_check_catches_a_false_claim(impl, device):
+    """An objective that claims pair-locality falsely would get wrong scales in the one-pass loop:
+    validate=True on the CPU compares them with the whole objective's gradient and raises."""
+    if device != "cpu":
+        pytest.skip("the check runs where a host sync is free: the CPU")
+    b = make_case(device=device, seed=12)
+    c, r, m = ck.quad_pairs(2, device=device)
+    obj = _FalselyLocal(chosen=c, rejected=r, nll_mask=m)
+    opts = ck.LogProbOptions(chunk_bytes=30 * 517 * 4)  # several chunks: a pair's scale sees partial sums
+    with pytest.raises(RuntimeError, match="_FalselyLocal is not local to its pairs"):
+        ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, shift=True, impl=impl,
+                                      options=opts)
+    honest = ck.CLOObjective(chosen=c, rejected=r, nll_mask=m)  # the same layout passes the check
+    ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], honest, shift=True, impl=impl,
+                                  options=opts).loss.backward()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_the_scales_are_the_objectives_gradient(impl, device):
+    """The scale each chunk used for its sequences is dL/dsums of the whole objective at the final
+    sums (check_locality), with a sequence in two pairs, an empty sequence, global denominators and
+    average_logps, over several chunks."""
+    b = make_case(device=device, ref=True, seed=13, S=12, empty_seq=5)
+    c = torch.tensor([0, 2, 4, 6, 8, 10, 0], device=device)
+    r = torch.tensor([1, 3, 5, 7, 9, 11, 3], device=device)  # sequences 0 and 3 in two pairs each
+    m = torch.zeros(12, dtype=torch.bool, device=device)
+    m[[2, 6, 10]] = True
+    obj = ck.CLOObjective(chosen=c, rejected=r, nll_mask=m, ref_logps=b["ref_logps"], beta=0.7, nll_weight=0.3,
+                          average_logps=True, num_pairs=9, num_nll_tokens=13)
+    batch = prepare_loss_batch(b["hidden"], b["labels"], obj, vocab_size=517, seq_ids=None, num_seqs=None,
+                               softcap=None, shift=True, ignore_index=-100, impl=impl, validate=True)
+    opts = ck.LogProbOptions(chunk_bytes=40 * 517 * 4)
+    plan = OP.plan_chunks(batch, c, r, max_rows=OP._max_rows(opts, impl, batch.hidden, 517))
+    assert len(plan.bounds) >= 3
+    loop = OP._Loop(batch=batch, weight=b["weight"], bias=None, opts=opts, impl=impl, plan=plan, objective=obj,
+                    need=(True, True, False))
+    with torch.no_grad():  # as inside the autograd.Function's forward
+        loop.run()
+    sums, counts = loop._final
+    x = sums.clone().requires_grad_()
+    (want,) = torch.autograd.grad(obj.loss(x, counts)[0], x)
+    assert loop.scales[5].isnan()  # the empty sequence is in no chunk
+    keep = torch.arange(12, device=device) != 5
+    torch.testing.assert_close(loop.scales[keep], want[keep], rtol=1e-6, atol=1e-9)
+    _assert_matches_oracle(ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, shift=True,
+                                                         impl=impl, options=opts), b, shift=True, chosen=c,
+                           rejected=r, nll_mask=m, beta=0.7, nll_weight=0.3, average_logps=True, num_pairs=9,
+                           num_nll_tokens=13)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -138,7 +205,7 @@ def test_no_grad_calls_do_no_gradient_work(impl, device, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("gradient work in a call that needs no gradient")
 
-    monkeypatch.setattr(OP, "sequence_grad", forbidden)
+    monkeypatch.setattr(OP, "sequence_scales", forbidden)
     monkeypatch.setattr(OP, "addmm_fp32", forbidden)
     b = make_case(device=device, bias=True, ref=True, seed=1)
     want = _oracle(b, shift=True).item()
