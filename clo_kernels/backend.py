@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 import warnings
 
 import torch
+
+
+def user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for its caller, of the first frame outside this package: a
+    warning then names the line of the user's code that led to it, however deep the call."""
+    here, frame, level = os.path.dirname(__file__), sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def triton_module(name: str = "linear_logprob_triton"):
@@ -48,7 +59,7 @@ def has_mm_out_dtype(device_type: str, dtype: torch.dtype) -> bool:
         if device_type == "cuda":
             warnings.warn(f"clo_kernels: torch.mm(out_dtype=float32) is unavailable for {dtype} on CUDA here: fp32 "
                           "products of 16-bit operands fall back to fp32 copies, several times slower", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
         return False
     return True
 

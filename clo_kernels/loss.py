@@ -160,15 +160,14 @@ def fused_linear_clo_loss(
 
     Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
     """
-    _inputs.check_head(hidden, weight, bias, impl=impl)
-    _inputs.check_impl(impl)
     objective = CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
                              nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
                              num_nll_tokens=num_nll_tokens)
-    return _fused_loss(hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias,
-                       softcap=softcap, shift=shift, ignore_index=ignore_index, unlikelihood=unlikelihood,
-                       unlikelihood_mask=unlikelihood_mask, num_unlikelihood_tokens=num_unlikelihood_tokens,
-                       impl=impl, validate=validate, options=options)
+    # __wrapped__: autocast's rule has been applied once, by this function's own decorator.
+    return fused_linear_sequence_loss.__wrapped__(
+        hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias, softcap=softcap, shift=shift,
+        ignore_index=ignore_index, unlikelihood=unlikelihood, unlikelihood_mask=unlikelihood_mask,
+        num_unlikelihood_tokens=num_unlikelihood_tokens, impl=impl, validate=validate, options=options)
 
 
 @_inputs.autocast_rule("linear")
@@ -201,15 +200,6 @@ def fused_linear_sequence_loss(
     chosen up front. validate=True on the CPU also checks that claim after the loop.
     """
     _inputs.check_head(hidden, weight, bias, impl=impl)
-    return _fused_loss(hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias,
-                       softcap=softcap, shift=shift, ignore_index=ignore_index, unlikelihood=unlikelihood,
-                       unlikelihood_mask=unlikelihood_mask, num_unlikelihood_tokens=num_unlikelihood_tokens,
-                       impl=impl, validate=validate, options=options)
-
-
-def _fused_loss(hidden, weight, labels, objective, *, seq_ids, num_seqs, bias, softcap, shift, ignore_index,
-                unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, impl, validate, options) -> CLOOutput:
-    """The public loss functions after their head check (autocast already applied)."""
     batch = prepare_loss_batch(hidden, labels, objective, vocab_size=weight.shape[0], seq_ids=seq_ids,
                                num_seqs=num_seqs, softcap=softcap, shift=shift, ignore_index=ignore_index, impl=impl,
                                validate=validate)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._inputs import TokenBatch, mask_token_logps, needs_autograd
-from .backend import addmm_fp32, mm_fp32, row_ops, triton_module
+from .backend import addmm_fp32, mm_fp32, row_ops, triton_module, user_stacklevel
 from .objective import CLOObjective, CLOOutput, check_locality, sequence_scales
 from .options import LogProbOptions
 
@@ -145,7 +145,7 @@ def fall_back(kind: str, reason: str) -> None:
         _warned.add(kind)
         warnings.warn(f"clo_kernels: the one-pass loss cannot take this layout ({reason}); it runs the two-pass "
                       "path (backward='staged'), which recomputes the logits in the backward", RuntimeWarning,
-                      stacklevel=5)
+                      stacklevel=user_stacklevel())
 
 
 # ----------------------------------------------------------------------------- the loop
