@@ -28,8 +28,11 @@ group with more labelled tokens than a chunk, or a ref_logps that needs a gradie
 
 Memory, beyond inputs and gradients: the [chunk, V] buffer of ``options.chunk_bytes``
 (DEFAULT_CHUNK_BYTES per device) and, for a 16-bit weight, the fp32 dW accumulator (V x D x 4
-bytes) during the forward; dh (N, D), dW and db (in the inputs' dtypes) are kept from the
-forward to the backward. The lean mode (backward="atomic") keeps no buffer at all.
+bytes) during the forward; dh (N, D), dW and db (in the inputs' dtypes; fp32 for fp16 inputs,
+whose chunks carry a power-of-two dz scale so that no entry underflows before the loss scale is
+known) are kept from the forward to the backward, which hands them out once and keeps nothing.
+The gradient scales come from the objective by autograd (objective.sequence_scales), so any
+pair-local objective runs here. The lean mode (backward="atomic") keeps no buffer at all.
 """
 
 from __future__ import annotations
