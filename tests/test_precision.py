@@ -245,3 +245,26 @@ def test_fp32_products_probe_once_and_never_swallow_errors(device):
         with pytest.raises(RuntimeError):
             backend.addmm_fp32(acc, a, a)  # (5, 3) @ (5, 3): a shape error, raised as such
     assert backend.has_mm_out_dtype.cache_info().misses == 1
+
+
+@pytest.mark.parametrize("variant", ONE_PASS)
+def test_fp16_path_on_strided_views(variant, device):
+    """The fp16 path (a power-of-two dz scale per chunk, fp32 gradients until the backward) on
+    strided views: hidden every other row of a wider tensor, weight through transposed storage.
+    The same loss and gradients as on contiguous copies, and the views' storage is not written."""
+    b = make_case(device=device, dtype=torch.float16, bias=True, ref=True, seed=9)
+    S, T, D = b["hidden"].shape
+    wide = torch.zeros(S, 2 * T, D, dtype=torch.float16, device=device)
+    wide[:, ::2] = b["hidden"].detach()
+    wide.requires_grad_()
+    w_t = b["weight"].detach().T.contiguous().requires_grad_()  # (D, V) storage; .T is a (V, D) view
+    kw = {**_kwargs(b), **impl_kwargs(variant)}
+    before = (wide.detach().clone(), w_t.detach().clone())
+    got = ck.fused_linear_clo_loss(wide[:, ::2], w_t.T, b["labels"], shift=True, **kw)
+    g_wide, g_wt, g_b = torch.autograd.grad(got.loss, [wide, w_t, b["bias"]])
+    want = ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], shift=True, **kw)
+    w_h, w_w, w_b = torch.autograd.grad(want.loss, [b["hidden"], b["weight"], b["bias"]])
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-3)
+    assert g_wide.dtype == torch.float16 and not g_wide[:, 1::2].any()
+    assert rel_err(g_wide[:, ::2], w_h) < 2e-3 and rel_err(g_wt.T, w_w) < 2e-3 and rel_err(g_b, w_b) < 2e-3
+    assert torch.equal(wide.detach(), before[0]) and torch.equal(w_t.detach(), before[1])
