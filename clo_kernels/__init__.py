@@ -9,7 +9,7 @@ Importing this package needs only torch: Triton is loaded on the first impl="tri
 
 from .from_logits import clo_loss_from_logits
 from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
-from .objective import CLOObjective, CLOOutput
+from .objective import LOSS_TYPES, CLOObjective, CLOOutput, PairObjective, PreferenceObjective
 from .options import LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
 from .unlikelihood import unlikelihood_loss
@@ -21,7 +21,10 @@ __all__ = [
     "CLOOutput",
     "FusedLinearCLOLoss",
     "LAYOUTS",
+    "LOSS_TYPES",
     "LogProbOptions",
+    "PairObjective",
+    "PreferenceObjective",
     "QUAD_SEQUENCES",
     "QuadLayout",
     "clo_loss_from_logits",

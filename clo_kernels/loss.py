@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _inputs
-from .objective import CLOObjective, CLOOutput, sequence_sums
+from .objective import CLOObjective, CLOOutput, PairObjective, sequence_sums
 from .options import LogProbOptions
 
 
@@ -41,14 +41,15 @@ def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: floa
     return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap)
 
 
-def prepare_loss_batch(hidden, labels, objective: CLOObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
+def prepare_loss_batch(hidden, labels, objective: PairObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
                        ignore_index, impl, validate) -> _inputs.TokenBatch:
     """Every check of a loss call (hidden may be logits, D = V; the objective checked its own
     scalars when it was built), then the token layout."""
     _inputs.check_impl(impl)
     _inputs.check_softcap(softcap)
-    if not isinstance(objective, CLOObjective):
-        raise TypeError(f"objective must be a clo_kernels.CLOObjective, got {type(objective).__name__}")
+    if not isinstance(objective, PairObjective):
+        raise TypeError("objective must be a clo_kernels objective (CLOObjective, PreferenceObjective or a "
+                        f"PairObjective of your own), got {type(objective).__name__}")
     if num_seqs is None:
         num_seqs = _inputs.infer_num_seqs(hidden, *objective.sequence_tensors())
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
@@ -175,7 +176,7 @@ def fused_linear_sequence_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    objective: CLOObjective,
+    objective: PairObjective,
     *,
     seq_ids: torch.Tensor | None = None,
     num_seqs: int | None = None,

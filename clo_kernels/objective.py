@@ -17,9 +17,11 @@ No host synchronisation: denominators stay tensors, empty sets give 0 / max(coun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import _inputs
 from ._inputs import TokenBatch
@@ -52,30 +54,32 @@ def _as_denominator(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-@dataclass(frozen=True, eq=False)
-class CLOObjective:
-    """The CLO loss (fused_linear_clo_loss's formula) over per-sequence sums and counts.
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PairObjective:
+    """What every loss over preference pairs shares: the pairs, the reference, the pair
+    denominator, the checks, the metrics and the way from token log-probs to an output.
+    Subclasses write ``loss(sums, counts) -> (loss, parts)``; parts holds at least "logps",
+    "chosen_rewards", "rejected_rewards" and "nll" (NaN where there is no NLL term).
 
-    chosen, rejected: (P,) sequence indices of the pairs; nll_mask: (S,) bool or None;
-    ref_logps: (S,) or None; num_pairs, num_nll_tokens: global denominators or None."""
+    chosen, rejected: (P,) sequence indices of the pairs; ref_logps: (S,) or None (0);
+    num_pairs: the global pair denominator (gradient accumulation, data parallel) or None."""
 
     chosen: torch.Tensor
     rejected: torch.Tensor
-    nll_mask: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
-    beta: float = 0.1
-    nll_weight: float = 0.5
-    average_logps: bool = False
     num_pairs: int | float | torch.Tensor | None = None
-    num_nll_tokens: int | float | torch.Tensor | None = None
 
-    # Each sequence's scale depends only on the sums of the sequences its pairs join it to.
+    # Each sequence's scale depends only on the sums of the sequences its pairs join it to (and on
+    # the token counts, known before any logit): then a chunk of whole pairs knows its scales.
     pair_local = True
+    nll_mask = None  # (S,) bool: the sequences of an NLL term, where the objective has one
 
     def __post_init__(self):
-        _inputs.check_scalars(beta=self.beta, nll_weight=self.nll_weight, softcap=None)
         _inputs.check_denominator("num_pairs", self.num_pairs)
-        _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected): the sequences that must share a chunk of the one-pass engine."""
+        return self.chosen, self.rejected
 
     def check(self, *, num_seqs: int, device: torch.device, validate: bool) -> None:
         """The objective's tensors against a batch of ``num_seqs`` sequences on ``device``."""
@@ -87,44 +91,18 @@ class CLOObjective:
         """The (S,) tensors that tell a packed batch's S."""
         return self.nll_mask, self.ref_logps
 
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected): the sequences that must share a chunk of the one-pass engine."""
-        return self.chosen, self.rejected
+    def pair_denominator(self, like: torch.Tensor) -> torch.Tensor:
+        return _as_denominator(self.num_pairs if self.num_pairs is not None else max(self.chosen.numel(), 1), like)
 
-    def denominators(self, counts: torch.Tensor):
-        """(pair denominator, NLL-token denominator or None): the global ones given, else this
-        batch's pair count and NLL-token count (at least 1; a tensor, no host sync)."""
-        num_pairs = self.num_pairs if self.num_pairs is not None else max(self.chosen.numel(), 1)
-        p_den = _as_denominator(num_pairs, counts)
-        if self.nll_mask is None:
-            return p_den, None
-        if self.num_nll_tokens is None:
-            return p_den, torch.where(self.nll_mask, counts, 0.0).sum().clamp_min(1.0)
-        return p_den, _as_denominator(self.num_nll_tokens, counts)
+    def log_ratios(self, logps: torch.Tensor) -> torch.Tensor:
+        """(S,) policy minus reference log-probs (the policy's alone without a reference)."""
+        return logps if self.ref_logps is None else logps - self.ref_logps.to(logps.dtype)
 
     def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, parts) from (S,) sums and counts; loss is differentiable in sums, parts holds the
-        intermediate (S,) and scalar tensors the metrics are made of."""
-        logps = sums / counts.clamp_min(1.0) if self.average_logps else sums
-        policy = logps if self.ref_logps is None else logps - self.ref_logps.to(logps.dtype)
-        chosen_rewards = self.beta * _pick(policy, self.chosen)
-        rejected_rewards = self.beta * _pick(policy, self.rejected)
-        margins = chosen_rewards - rejected_rewards
-        p_den, n_tok = self.denominators(counts)
-        loss_cl = torch.nn.functional.softplus(-margins).sum() / p_den
-        if self.nll_mask is not None:
-            # where, not multiply: a NaN in a sequence outside the NLL term stays out of it.
-            loss_nll = -torch.where(self.nll_mask, sums, 0.0).sum() / n_tok
-        else:
-            loss_nll = logps.new_full((), float("nan"))
-        loss = (1.0 - self.nll_weight) * loss_cl
-        if self.nll_mask is not None:
-            loss = loss + self.nll_weight * loss_nll
-        return loss, {"logps": logps, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-                      "nll": loss_nll}
+        raise NotImplementedError
 
     def metrics(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Detached scalar metrics from ``loss``'s parts."""
+        """Detached scalar metrics (TRL's names) from ``loss``'s parts."""
         logps, cr, rr = parts["logps"], parts["chosen_rewards"], parts["rejected_rewards"]
         with torch.no_grad():
             out = {
@@ -148,7 +126,202 @@ class CLOObjective:
         return CLOOutput(loss=loss, logps=parts["logps"].detach(), metrics=self.metrics(parts))
 
 
-def sequence_scales(objective: CLOObjective, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _nll(sums, counts, mask, num_tokens):
+    """-sum of the token log-probs of the sequences in mask / (num_tokens or their token count)."""
+    den = torch.where(mask, counts, 0.0).sum().clamp_min(1.0) if num_tokens is None else \
+        _as_denominator(num_tokens, counts)
+    # where, not multiply: a NaN in a sequence outside the term stays out of it.
+    return -torch.where(mask, sums, 0.0).sum() / den
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class CLOObjective(PairObjective):
+    """The CLO loss (fused_linear_clo_loss's formula): sigmoid DPO over the pairs plus the NLL of
+    the nll_mask sequences (None: no NLL term), ``nll_weight * L_NLL + (1 - nll_weight) * L_CL``."""
+
+    nll_mask: torch.Tensor | None = None
+    beta: float = 0.1
+    nll_weight: float = 0.5
+    average_logps: bool = False
+    num_nll_tokens: int | float | torch.Tensor | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _inputs.check_scalars(beta=self.beta, nll_weight=self.nll_weight, softcap=None)
+        _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
+
+    def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = sums / counts.clamp_min(1.0) if self.average_logps else sums
+        policy = self.log_ratios(logps)
+        chosen_rewards = self.beta * _pick(policy, self.chosen)
+        rejected_rewards = self.beta * _pick(policy, self.rejected)
+        margins = chosen_rewards - rejected_rewards
+        loss_cl = torch.nn.functional.softplus(-margins).sum() / self.pair_denominator(sums)
+        loss = (1.0 - self.nll_weight) * loss_cl
+        if self.nll_mask is not None:
+            loss_nll = _nll(sums, counts, self.nll_mask, self.num_nll_tokens)
+            loss = loss + self.nll_weight * loss_nll
+        else:
+            loss_nll = logps.new_full((), float("nan"))
+        return loss, {"logps": logps, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+                      "nll": loss_nll}
+
+
+# ----------------------------------------------------------------------------- TRL's DPO loss menu
+#
+# TRL 1.16 DPOTrainer._compute_loss, per pair p: r = logp - ref (log-ratios), s = f(r) (the
+# f-divergence's score), delta = s_c - s_r, n = completion tokens; each type's per-pair loss, mean
+# over the pairs (or / num_pairs), weighted by loss_weights and summed. aot and aot_unpaired sort
+# the batch's log-ratios, so they are not pair-local: the exact two-pass path runs them.
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The per-pair (P,) quantities the loss types read, and the options."""
+
+    rc: torch.Tensor  # chosen log-ratio
+    rr: torch.Tensor  # rejected log-ratio
+    sc: torch.Tensor  # f-scores
+    sr: torch.Tensor
+    nc: torch.Tensor  # completion token counts
+    nr: torch.Tensor
+    lc: torch.Tensor  # policy log-probs (aot)
+    lr: torch.Tensor
+    beta: float
+    eps: float  # label_smoothing
+    tau: float  # discopop_tau
+
+    @property
+    def logit(self) -> torch.Tensor:
+        return self.beta * (self.sc - self.sr)
+
+
+def _smoothed(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return -F.logsigmoid(x) * (1 - eps) - F.logsigmoid(-x) * eps
+
+
+def _exo_pair(p: _Pairs) -> torch.Tensor:
+    x = p.logit
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-p.eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(p.eps))
+
+
+def _discopop(p: _Pairs) -> torch.Tensor:
+    x = p.logit
+    mix = torch.sigmoid(x / p.tau)
+    return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+
+
+def _sorted_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.sort(a).values - torch.sort(b).values
+
+
+PAIR_LOSSES = {
+    "sigmoid": lambda p: -F.logsigmoid(p.logit),
+    "hinge": lambda p: torch.relu(1 - p.logit),
+    "ipo": lambda p: (p.sc / p.nc.clamp_min(1.0) - p.sr / p.nr.clamp_min(1.0) - 1 / (2 * p.beta)) ** 2,
+    "exo_pair": _exo_pair,
+    "nca_pair": lambda p: (-F.logsigmoid(p.beta * p.rc) - 0.5 * F.logsigmoid(-p.beta * p.rc)
+                           - 0.5 * F.logsigmoid(-p.beta * p.rr)),
+    "robust": lambda p: (-(1 - p.eps) * F.logsigmoid(p.logit) + p.eps * F.logsigmoid(-p.logit)) / (1 - 2 * p.eps),
+    "bco_pair": lambda p: -F.logsigmoid(p.beta * p.rc) - F.logsigmoid(-p.beta * p.rr),
+    "sppo_hard": lambda p: (p.rc - 0.5 / p.beta) ** 2 + (p.rr + 0.5 / p.beta) ** 2,
+    "aot": lambda p: _smoothed(p.beta * _sorted_delta(p.lc - p.lr, (p.lc - p.rc) - (p.lr - p.rr)), p.eps),
+    "aot_unpaired": lambda p: _smoothed(p.beta * _sorted_delta(p.rc, p.rr), p.eps),
+    "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.rc) + torch.sigmoid(p.beta * p.rr),
+    "apo_down": lambda p: torch.sigmoid(p.beta * p.rc) + 1 - torch.sigmoid(p.beta * (p.rc - p.rr)),
+    "discopop": _discopop,
+    "sigmoid_norm": lambda p: -F.logsigmoid(p.beta * (p.sc / p.nc.clamp_min(1.0) - p.sr / p.nr.clamp_min(1.0))),
+}
+LOSS_TYPES = (*PAIR_LOSSES, "sft")  # sft: the mean NLL of the chosen responses' tokens
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_F_DIVERGENCE_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+_NOT_PAIR_LOCAL = {"aot", "aot_unpaired"}
+
+
+def f_scores(r: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """TRL's f-divergence scores of log-ratios r: f'(exp r) of the divergence."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return r
+    if kind == "forward_kl":
+        return 1 - torch.exp(-r)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(r)
+    return (torch.exp(((alpha - 1.0) * r).clamp(max=80.0)) - 1.0) / (alpha - 1.0)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PreferenceObjective(PairObjective):
+    """TRL 1.16 DPOTrainer's losses, with its options and formulas, on sequence log-probs.
+
+    loss_type: names from LOSS_TYPES, combined as sum_k loss_weights[k] * loss_k (weights 1 by
+    default); "sft" is the NLL of the chosen responses' tokens over their count (or
+    num_nll_tokens). The others average over the pairs (or divide by num_pairs). label_smoothing
+    (robust, exo_pair, aot), discopop_tau, f_divergence_type and f_alpha_divergence_coef as in
+    DPOConfig. aot and aot_unpaired rank the batch's pairs: not pair-local, so they run on the
+    exact two-pass path."""
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    num_nll_tokens: int | float | torch.Tensor | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        object.__setattr__(self, "loss_type", types)
+        unknown = [t for t in types if t not in LOSS_TYPES]
+        if unknown or not types or len(set(types)) != len(types):
+            raise ValueError(f"loss_type must be distinct names from {LOSS_TYPES}, got {list(types)}")
+        if self.loss_weights is not None:
+            weights = tuple(float(w) for w in self.loss_weights)
+            if len(weights) != len(types) or not all(math.isfinite(w) for w in weights):
+                raise ValueError(f"loss_weights must be {len(types)} finite numbers, one per loss_type, "
+                                 f"got {list(self.loss_weights)}")
+            object.__setattr__(self, "loss_weights", weights)
+        _inputs.check_scalars(beta=self.beta, nll_weight=0.0, softcap=None)
+        _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}")
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= _F_DIVERGENCE_TYPES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} works with the loss types "
+                             f"{sorted(_F_DIVERGENCE_TYPES)} only (as in TRL), got {list(types)}")
+        if "robust" in types and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for 'robust', got {self.label_smoothing}")
+        if "exo_pair" in types and not 0.0 < self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair', got {self.label_smoothing}")
+        if "discopop" in types and not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
+
+    @property
+    def pair_local(self) -> bool:  # type: ignore[override]
+        return not _NOT_PAIR_LOCAL & set(self.loss_type)
+
+    def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r = self.log_ratios(sums)
+        s = f_scores(r, self.f_divergence_type, self.f_alpha_divergence_coef)
+        pick_c, pick_r = (lambda x: _pick(x, self.chosen)), (lambda x: _pick(x, self.rejected))
+        p = _Pairs(rc=pick_c(r), rr=pick_r(r), sc=pick_c(s), sr=pick_r(s), nc=pick_c(counts), nr=pick_r(counts),
+                   lc=pick_c(sums), lr=pick_r(sums), beta=self.beta, eps=self.label_smoothing, tau=self.discopop_tau)
+        weights = self.loss_weights or (1.0,) * len(self.loss_type)
+        loss, nll = sums.new_zeros(()), sums.new_full((), float("nan"))
+        for name, w in zip(self.loss_type, weights, strict=True):
+            if name == "sft":
+                chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, self.chosen.clamp(0, len(sums) - 1),
+                                                                              True)
+                nll = _nll(sums, counts, chosen, self.num_nll_tokens)
+                loss = loss + w * nll
+            else:
+                loss = loss + w * PAIR_LOSSES[name](p).sum() / self.pair_denominator(sums)
+        return loss, {"logps": sums, "chosen_rewards": self.beta * p.rc, "rejected_rewards": self.beta * p.rr,
+                      "nll": nll}
+
+
+def sequence_scales(objective: PairObjective, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(S,) dL/dsums of ``objective`` at ``sums``, by autograd through its (S,) function (also
     inside an autograd.Function's forward, where grad mode is off). For a pair-local objective the
     entries of sequences whose groups are complete are final, whatever the other sums hold."""
@@ -158,7 +331,7 @@ def sequence_scales(objective: CLOObjective, sums: torch.Tensor, counts: torch.T
     return torch.zeros_like(sums) if g is None else g
 
 
-def check_locality(objective: CLOObjective, used: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
+def check_locality(objective: PairObjective, used: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
                    rtol: float = 1e-5, atol: float = 1e-12) -> None:
     """Raise if the scales a chunked loop used (``used``, (S,)) are not the gradient of the whole
     objective at the final ``sums``: the objective is not local to its pairs. One host sync."""

@@ -45,7 +45,7 @@ import torch
 
 from ._inputs import TokenBatch, mask_token_logps, needs_autograd
 from .backend import addmm_fp32, mm_fp32, row_ops, triton_module, user_stacklevel
-from .objective import CLOObjective, CLOOutput, check_locality, sequence_scales
+from .objective import CLOOutput, PairObjective, check_locality, sequence_scales
 from .options import LogProbOptions
 
 if TYPE_CHECKING:  # unlikelihood imports this module
@@ -164,7 +164,7 @@ class _Loop:
     opts: LogProbOptions
     impl: str
     plan: Plan
-    objective: CLOObjective | None  # None: token log-probs only, no loss
+    objective: PairObjective | None  # None: token log-probs only, no loss
     need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
     unlikelihood: Term | None = None  # folded into the loop
     check: bool = False  # check_locality at the end (one host sync)
@@ -305,7 +305,7 @@ class _OnePassCLO(torch.autograd.Function):
                 None)
 
 
-def clo_loss(batch: TokenBatch, weight, bias, objective: CLOObjective, *, opts: LogProbOptions, impl: str,
+def clo_loss(batch: TokenBatch, weight, bias, objective: PairObjective, *, opts: LogProbOptions, impl: str,
              unlikelihood=None, check: bool = False) -> CLOOutput | None:
     """``objective``'s loss of ``batch`` in one pass, plus an unlikelihood.Term folded in, or None
     where it needs the two-pass path: an objective that is not pair-local (chosen up front), or a
