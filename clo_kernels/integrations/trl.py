@@ -4,22 +4,20 @@
 
 ``FusedDPOTrainer`` takes ``trl.DPOTrainer``'s arguments (plus keyword-only ``impl`` and
 ``options`` of the fused loss). The policy's sequence log-probs and the loss come from
-``fused_linear_clo_loss`` on the final hidden states and the lm_head weight, computed inside the
-model's forward (hf.add_hidden_head), so the DDP, FSDP2 and peft wrappers stay around the loss
+``fused_linear_sequence_loss`` on the final hidden states and the lm_head weight, computed inside
+the model's forward (hf.add_hidden_head), so the DDP, FSDP2 and peft wrappers stay around the loss
 (tests/test_trl.py runs one process, DDP and LoRA; FSDP2 and DeepSpeed are untested); the
 reference log-probs come from ``sequence_logps``: precomputed (precompute_ref_log_probs) or on
 the fly from the reference model, or from the peft model with its adapters disabled, as TRL
-does. The [tokens x vocab] logits are never built. TRL's loss maps onto the CLO objective::
-
-    ["sigmoid"]          w_s * mean_p softplus(-beta * margin_p)           (nll_weight = 0)
-    ["sigmoid", "sft"]   + w_n * (mean NLL over the chosen responses' tokens)
-                         = (w_s + w_n) * fused loss with nll_weight = w_n / (w_s + w_n)
-
-(w = loss_weights, 1 each by default). Every other DPOConfig setting that changes the loss is
-refused by name when the trainer is built, never replaced by a different loss. Logged under
-TRL's names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected},
-num_tokens, and nll where there is an NLL term; not entropy, logits/{chosen,rejected} and
-mean_token_accuracy, which need every logit of every token.
+does. The [tokens x vocab] logits are never built. The loss is DPOConfig's, as an objective
+(clo_kernels.objective.PreferenceObjective): every loss_type of TRL 1.16 with loss_weights,
+label_smoothing, discopop_tau and f_divergence_type, TRL's formulas and normalisation per
+micro-batch; aot and aot_unpaired rank the batch's pairs, so they take the exact two-pass path.
+Refused by name when the trainer is built, never replaced by a different loss: ld_alpha,
+use_weighting, padding_free, sync_ref_model. Logged under TRL's names:
+rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, num_tokens, and nll
+where there is an NLL term; not yet entropy, logits/{chosen,rejected} and mean_token_accuracy
+(row statistics of every logit, open in issue 24).
 
 ``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
 TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
@@ -46,26 +44,26 @@ except ImportError as err:
     raise ImportError(f"clo_kernels.integrations.trl needs TRL ({err}): pip install 'clo-kernels[trl]'") from err
 
 from .. import _inputs
-from ..loss import fused_linear_clo_loss, sequence_logps
+from ..loss import fused_linear_sequence_loss, sequence_logps
+from ..objective import CLOObjective, PreferenceObjective
 from ..options import LogProbOptions
 from ..quad import LAYOUTS, quad_pairs
 from . import hf
 
 log = logging.getLogger(__name__)
 
-# DPOConfig settings that change the loss, with the one value these trainers implement.
-_FIXED = {"ld_alpha": None, "f_divergence_type": "reverse_kl", "label_smoothing": 0.0, "use_weighting": False,
-          "sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
+# DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements (ld_alpha: per-token
+# weights; use_weighting: WPO's log sum p^2 row statistic; padding_free: packed pairs; all open in issue 24).
+_FIXED = {"ld_alpha": None, "use_weighting": False, "sync_ref_model": False, "padding_free": False,
+          "use_liger_kernel": False}
 
 
-def _loss_type_problems(args, supported: tuple[tuple[str, ...], ...]) -> list[str]:
-    types, weights = list(args.loss_type), args.loss_weights
-    bad = []
-    if tuple(sorted(types)) not in supported or len(set(types)) != len(types):
-        bad.append(f"loss_type={types} (supported: {' or '.join(str(list(s)) for s in supported)})")
-    elif weights is not None and (min(weights) < 0 or sum(weights) <= 0):
-        bad.append(f"loss_weights={weights} (the fused loss needs weights >= 0 with a positive sum)")
-    return bad
+def _preference_objective(args, **tensors) -> PreferenceObjective:
+    """DPOConfig's loss settings as the objective (ValueError, naming the option, where it refuses them)."""
+    return PreferenceObjective(loss_type=tuple(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
+                               label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
+                               f_divergence_type=args.f_divergence_type,
+                               f_alpha_divergence_coef=args.f_alpha_divergence_coef, **tensors)
 
 
 def _model_problems(model, args, processing_class, peft_config) -> list[str]:
@@ -117,7 +115,7 @@ def _one_dtype(hidden, weight, bias):
 class FusedDPOTrainer(DPOTrainer):
     """trl.DPOTrainer with the loss from clo_kernels' fused head (module docstring: what maps to what)."""
 
-    _SUPPORTED_LOSS_TYPES = (("sigmoid",), ("sft", "sigmoid"))
+    _FIXED = _FIXED
     _tag_names = ["trl", "dpo", "clo-kernels"]
 
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
@@ -132,7 +130,6 @@ class FusedDPOTrainer(DPOTrainer):
             raise ValueError(f"{type(self).__name__} does not support: " + "; ".join(bad)
                              + ". trl.DPOTrainer has its own head for these.")
         self._impl, self._options = impl, options
-        self._loss_scale, self._nll_weight = self._objective_weights(cfg)
         self._unlikelihood = getattr(cfg, "unlikelihood", 0.0)  # CLOConfig's; DPO has none
         super().__init__(**given)
 
@@ -140,26 +137,27 @@ class FusedDPOTrainer(DPOTrainer):
     # What differs between DPO and CLO: the options, the sequences' layout and the reference's place
 
     def _config_problems(self, args) -> list[str]:
-        bad = _loss_type_problems(args, self._SUPPORTED_LOSS_TYPES)
-        bad += [f"{k}={getattr(args, k)!r} (supported: {v!r})" for k, v in _FIXED.items() if getattr(args, k) != v]
+        bad = [f"{k}={getattr(args, k)!r} (supported: {v!r})" for k, v in self._FIXED.items() if getattr(args, k) != v]
+        try:
+            self._objective(args, chosen=torch.zeros(0, dtype=torch.long), rejected=torch.zeros(0, dtype=torch.long))
+        except ValueError as err:
+            bad.append(f"loss_type={list(args.loss_type)} with these options ({err})")
         return bad
 
     @staticmethod
-    def _objective_weights(args) -> tuple[float, float]:
-        """(scale, nll_weight): TRL's weighted sum of losses as a multiple of the CLO objective."""
-        weights = dict(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True))
-        scale = weights["sigmoid"] + weights.get("sft", 0.0)
-        return scale, weights.get("sft", 0.0) / scale
+    def _objective(args, *, chosen, rejected, nll_mask=None, ref_logps=None):
+        """The loss of a micro-batch: TRL's menu, from DPOConfig's settings."""
+        return _preference_objective(args, chosen=chosen, rejected=rejected, ref_logps=ref_logps)
 
     @staticmethod
     def _labels(inputs) -> torch.Tensor:
         return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
 
     def _layout(self, num_seqs: int, device):
-        """chosen, rejected, nll_mask: TRL's batches are [chosen rows, rejected rows]."""
+        """chosen, rejected, nll_mask: TRL's batches are [chosen rows, rejected rows] ("sft" is the
+        NLL of the chosen rows, which PreferenceObjective knows)."""
         half = torch.arange(num_seqs // 2, device=device)
-        nll_mask = torch.arange(num_seqs, device=device) < num_seqs // 2 if self._nll_weight > 0 else None
-        return half, half + num_seqs // 2, nll_mask
+        return half, half + num_seqs // 2, None
 
     def _unlikelihood_mask(self, num_seqs: int, device) -> torch.Tensor | None:
         """The sequences the unlikelihood term covers (CLO: the chosen responses)."""
@@ -227,17 +225,20 @@ class FusedDPOTrainer(DPOTrainer):
         else:
             ref = self._reference_logps(self.ref_model or self.model, inputs)
 
+        objective = self._objective(self.args, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
+                                    ref_logps=ref.to(labels.device))
+
+        ul_mask = self._unlikelihood_mask(labels.shape[0], labels.device)
+
         def fn(hidden, weight, bias, softcap):
-            return fused_linear_clo_loss(
-                hidden, weight, labels, chosen=chosen, rejected=rejected, nll_mask=nll_mask,
-                ref_logps=ref.to(hidden.device), beta=self.beta, nll_weight=self._nll_weight, bias=bias,
-                softcap=softcap, shift=True, unlikelihood=self._unlikelihood,
-                unlikelihood_mask=self._unlikelihood_mask(labels.shape[0], labels.device), impl=self._impl,
-                options=self._options)
+            return fused_linear_sequence_loss(
+                hidden, weight, labels, objective, bias=bias, softcap=softcap, shift=True,
+                unlikelihood=self._unlikelihood, unlikelihood_mask=ul_mask, impl=self._impl, options=self._options)
 
         out = self._head(model, inputs, fn)
-        loss = out.loss if self._loss_scale == 1.0 else out.loss * self._loss_scale
-        self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=nll_mask is not None)
+        loss = out.loss
+        has_nll = nll_mask is not None or "sft" in self.args.loss_type
+        self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=has_nll)
         if return_outputs:  # TRL's deprecated path for compute_metrics: it also recomputes the logits
             with torch.no_grad():
                 return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -304,7 +305,7 @@ class CLOTrainer(FusedDPOTrainer):
     (x_tgt: y_tgt > y_en), one micro-batch of Q quads = 4Q sequences; the reference precomputed
     (precompute_ref_log_probs) or on the fly, as in FusedDPOTrainer."""
 
-    _SUPPORTED_LOSS_TYPES = (("sigmoid",),)
+    _FIXED = {**_FIXED, "loss_type": ["sigmoid"], "f_divergence_type": "reverse_kl", "label_smoothing": 0.0}
     _tag_names = ["trl", "clo", "clo-kernels"]
 
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
@@ -330,8 +331,10 @@ class CLOTrainer(FusedDPOTrainer):
         return bad
 
     @staticmethod
-    def _objective_weights(args) -> tuple[float, float]:
-        return 1.0, args.nll_weight
+    def _objective(args, *, chosen, rejected, nll_mask=None, ref_logps=None):
+        """The CLO loss: sigmoid DPO over both pair kinds plus nll_weight times the target NLL."""
+        return CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask if args.nll_weight > 0 else None,
+                            ref_logps=ref_logps, beta=args.beta, nll_weight=args.nll_weight)
 
     @staticmethod
     def _labels(inputs) -> torch.Tensor:
@@ -339,7 +342,7 @@ class CLOTrainer(FusedDPOTrainer):
 
     def _layout(self, num_seqs: int, device):
         chosen, rejected, nll_mask = quad_pairs(num_seqs // len(LAYOUTS["clo"].sequences), device=device)
-        return chosen, rejected, nll_mask if self._nll_weight > 0 else None
+        return chosen, rejected, nll_mask if self.args.nll_weight > 0 else None
 
     def _unlikelihood_mask(self, num_seqs: int, device) -> torch.Tensor:
         layout = LAYOUTS["clo"]
