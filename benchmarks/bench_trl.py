@@ -2,6 +2,7 @@
 
     python benchmarks/bench_trl.py                      # CPU, SmolLM2-135M shapes, 4 pairs per step
     python benchmarks/bench_trl.py --device cuda --arch llama3-1b --pairs 8
+    python benchmarks/bench_trl.py --loss-type ipo    # any of TRL's loss types (and --f-divergence-type)
 
 Both trainers get the same model (random weights from the architecture's config: speed and
 memory do not depend on them), the same reference copy, the same data and TrainingArguments;
@@ -94,7 +95,8 @@ def run(trainer_name: str, args) -> dict:
     cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
                     max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
-                    bf16=args.device == "cuda", seed=0, disable_tqdm=True)
+                    bf16=args.device == "cuda", seed=0, disable_tqdm=True, loss_type=args.loss_type,
+                    f_divergence_type=args.f_divergence_type)
     cls = FusedDPOTrainer if trainer_name == "fused" else DPOTrainer
     clock = Clock()
     trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
@@ -121,7 +123,8 @@ def run(trainer_name: str, args) -> dict:
 def in_subprocess(trainer_name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
-           "--out", args.out] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
+           "--out", args.out, "--loss-type", *args.loss_type, "--f-divergence-type", args.f_divergence_type] + (
+        ["--tokenizer", args.tokenizer] if args.tokenizer else [])
     result, proc = run_child(cmd)
     if result is None:
         return {"trainer": trainer_name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -150,7 +153,8 @@ def markdown(rows, meta) -> str:
     mem = "peak RSS MiB | RSS growth in training MiB" if cpu else "peak MiB (CUDA, training)"
     lines = [f"One TRL DPO step, {meta['arch']} shapes, {meta['device']} ({meta['gpu'] or meta['machine']}, "
              f"{meta['cpus']} CPUs), {meta['pairs']} pairs x <= {meta['max_length']} tokens, full fine-tuning, "
-             f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, {meta['date']}, commit {str(meta['commit'])[:7]}, "
+             f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, loss_type {meta['loss_type']} "
+             f"({meta['f_divergence_type']}), {meta['date']}, commit {str(meta['commit'])[:7]}, "
              f"median of {meta['steps']} steps x {meta['rounds']} interleaved runs", "",
              f"| trainer | tokens/s | step s | {mem} |", "|---|---|---|---|" + ("---|" if cpu else "")]
     for r in rows:
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per trainer, alternating")
     p.add_argument("--tokenizer", help="a folder of SmolLM2's tokenizer files (default: read from its GGUF)")
     p.add_argument("--out", default=str(RESULTS / "bench_trl"))
+    p.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="DPOConfig.loss_type (one or more)")
+    p.add_argument("--f-divergence-type", default="reverse_kl", help="DPOConfig.f_divergence_type")
     p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
@@ -197,7 +203,8 @@ def main(argv=None) -> int:
             runs.append(in_subprocess(name, args))
             print(json.dumps(runs[-1]), flush=True)
     rows = summarise(runs)
-    meta = {**{k: getattr(args, k) for k in ("arch", "device", "pairs", "max_length", "steps", "rounds")},
+    keys = ("arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type")
+    meta = {**{k: getattr(args, k) for k in keys},
             "torch": torch.__version__, **dist_versions("trl", "transformers"), **machine_meta(args.device),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     write_report(Path(args.out), "bench_trl", data={"meta": meta, "rows": rows, "runs": runs},
