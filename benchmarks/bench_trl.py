@@ -177,7 +177,8 @@ def plot(rows, meta, path: Path) -> None:
                            tokens_per_s=[r["tokens_per_s"] for r in ok],
                            memory_mib=[r["train_rss_growth_mib" if cpu else "peak_mib"] for r in ok],
                            memory_title="memory growth in training, MiB" if cpu else "peak MiB",
-                           title=f"one TRL DPO step, {meta['arch']} on {meta['device']}")
+                           title=f"one TRL DPO step ({' + '.join(meta['loss_type'])}, {meta['f_divergence_type']}), "
+                                 f"{meta['arch']} on {meta['device']}")
 
 
 def main(argv=None) -> int:
