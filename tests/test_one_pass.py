@@ -216,3 +216,42 @@ def test_no_grad_calls_do_no_gradient_work(impl, device, monkeypatch):
     out = _loss(frozen, impl, shift=True)  # grad mode on, but no input needs a gradient
     assert out.loss.item() == pytest.approx(want, rel=1e-5) and not out.loss.requires_grad
     assert logps.grad_fn is None and logps.shape == (8,)
+
+
+_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("impl", FUSED)
+def test_the_chunk_loop_makes_no_host_sync(impl, dtype, device, monkeypatch):
+    """The loop over chunks (products, row passes, autograd scales, fp16's dz scale, gradient
+    products) reads nothing back to the host: no .item(), .tolist() or tensor truth value / int /
+    float. The plan before it makes the call's one sync, and validate=True's check one after it."""
+    b = make_case(device=device, dtype=dtype, bias=True, ref=True, seed=21)
+    c, r, m = ck.quad_pairs(2, device=device)
+    obj = ck.CLOObjective(chosen=c, rejected=r, nll_mask=m, ref_logps=b["ref_logps"])
+    batch = prepare_loss_batch(b["hidden"], b["labels"], obj, vocab_size=517, seq_ids=None, num_seqs=None,
+                               softcap=None, shift=True, ignore_index=-100, impl=impl, validate=True)
+    opts = ck.LogProbOptions(chunk_bytes=25 * 517 * OP._buffer_dtype(impl, batch.hidden).itemsize)  # a pair a chunk
+    plan = OP.plan_chunks(batch, c, r, max_rows=OP._max_rows(opts, impl, batch.hidden, 517))
+    assert len(plan.bounds) >= 3  # several chunks
+    loop = OP._Loop(batch=batch, weight=b["weight"], bias=b["bias"], opts=opts, impl=impl, plan=plan, objective=obj,
+                    need=(True, True, True))
+    seen = []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def call(self, *a, **k):
+            seen.append(name)
+            return real(self, *a, **k)
+
+        return call
+
+    for name in _SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    with torch.no_grad():
+        tok, (dh, dw, db) = loop.token_logps()
+    monkeypatch.undo()
+    assert seen == []
+    assert dh.dtype == dw.dtype == db.dtype == (torch.float32 if dtype == torch.float16 else dtype)
