@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import impls
+from conftest import VARIANTS, impls
 from helpers import grads, make_case, rel_err
 from oracle import oracle
 
@@ -215,7 +215,23 @@ def test_no_grad_calls_do_no_gradient_work(impl, device, monkeypatch):
     frozen = {k: (v.detach() if k in ("hidden", "weight", "bias") else v) for k, v in b.items()}
     out = _loss(frozen, impl, shift=True)  # grad mode on, but no input needs a gradient
     assert out.loss.item() == pytest.approx(want, rel=1e-5) and not out.loss.requires_grad
-    assert logps.grad_fn is None and logps.shape == (8,)
+    assert logps.grad_fn is None
+    args = {k: v for k, v in b.items() if k not in ("hidden", "weight", "labels")}
+    want_logps = oracle(b["hidden"], b["weight"], b["labels"], **args, shift=True)[1]
+    torch.testing.assert_close(logps.double().cpu(), want_logps.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_the_test_chunks_are_several(impl, device):
+    """conftest's "-chunks" variants (96 KiB buffers) cut the test batches into several chunks, so
+    the chunk boundaries are what those tests exercise."""
+    b = make_case(device=device, seed=0)
+    obj = ck.CLOObjective(chosen=b["chosen"], rejected=b["rejected"], nll_mask=b["nll_mask"])
+    batch = prepare_loss_batch(b["hidden"], b["labels"], obj, vocab_size=517, seq_ids=None, num_seqs=None,
+                               softcap=None, shift=True, ignore_index=-100, impl=impl, validate=True)
+    opts = VARIANTS[f"{impl}-chunks"][1]
+    plan = OP.plan_chunks(batch, obj.chosen, obj.rejected, max_rows=OP._max_rows(opts, impl, batch.hidden, 517))
+    assert len(plan.bounds) >= 2, plan.bounds
 
 
 _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
