@@ -77,11 +77,11 @@ def autocast_rule(kind: str):
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            lead = bound.arguments.get(first)
+            lead = args[0] if args else kwargs.get(first)
             dev = lead.device.type if isinstance(lead, torch.Tensor) else None
             if dev is None or not torch.is_autocast_enabled(dev):
                 return fn(*args, **kwargs)
+            bound = sig.bind(*args, **kwargs)  # only under autocast: the names of the tensors to cast
             dtype = torch.get_autocast_dtype(dev)
             for name in names:
                 t = bound.arguments.get(name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _inputs
 from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, mask_token_logps, needs_autograd, resolve_impl
 from .backend import row_ops
 from .loss import prepare_loss_batch
@@ -82,7 +81,6 @@ def clo_loss_from_logits(
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
         raise TypeError("logits must be a float32, bfloat16 or float16 tensor, got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)}")
-    _inputs.check_impl(impl)
     objective = CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
                              nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
                              num_nll_tokens=num_nll_tokens)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _inputs
-from .objective import CLOObjective, CLOOutput, PairObjective, sequence_sums
+from .objective import CLOObjective, CLOOutput, PairObjective, sequence_means, sequence_sums
 from .options import LogProbOptions
 
 
@@ -97,7 +97,7 @@ def sequence_logps(
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
     sums, counts = sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs)
-    return sums / counts.clamp_min(1.0) if average else sums
+    return sequence_means(sums, counts) if average else sums
 
 
 @_inputs.autocast_rule("linear")

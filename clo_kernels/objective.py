@@ -44,6 +44,11 @@ def sequence_sums(token_logps, seq_ids, valid, num_seqs):
     return sums, counts
 
 
+def sequence_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(S,) mean token log-prob per sequence (0 for a sequence without tokens)."""
+    return sums / counts.clamp_min(1.0)
+
+
 def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x[idx], NaN where idx is out of range (validate=False must not read out of bounds)."""
     ok = (idx >= 0) & (idx < x.shape[0])
@@ -151,7 +156,7 @@ class CLOObjective(PairObjective):
         _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
 
     def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = sums / counts.clamp_min(1.0) if self.average_logps else sums
+        logps = sequence_means(sums, counts) if self.average_logps else sums
         policy = self.log_ratios(logps)
         chosen_rewards = self.beta * _pick(policy, self.chosen)
         rejected_rewards = self.beta * _pick(policy, self.rejected)

@@ -169,7 +169,7 @@ class _Loop:
     unlikelihood: Term | None = None  # folded into the loop
     check: bool = False  # check_locality at the end (one host sync)
     output: CLOOutput | None = None
-    scales: torch.Tensor | None = None  # (S,) the g_s the chunks used
+    scales: torch.Tensor | None = None  # (S,) the g_s the chunks used, with check
     _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
     _final: tuple | None = None  # (sums, counts) at the end of the loop
 
@@ -194,7 +194,8 @@ class _Loop:
         sums = torch.zeros(batch.num_seqs, dtype=torch.float32, device=hidden.device)
         if grads:
             counts = torch.zeros_like(sums).index_add_(0, seq, batch.valid.float())
-            self.scales = torch.full_like(sums, float("nan"))  # the g_s each chunk used, for check_locality
+            if self.check:
+                self.scales = torch.full_like(sums, float("nan"))  # the g_s each chunk used, for check_locality
         # fp16 (5 exponent bits) would round every dz entry below 2^-24 to 0 here, before the caller's
         # loss scale (GradScaler's grad_output) is known. So each chunk's dz carries a power of two
         # that lifts its largest entry near DZ_TOP, and dh, dW and db stay fp32 in true units (the
@@ -233,7 +234,8 @@ class _Loop:
             if not grads:
                 continue
             g = sequence_scales(self.objective, sums, counts)[s]  # final for the chunk's whole groups
-            self.scales[s] = g
+            if self.scales is not None:
+                self.scales[s] = g
             g_rows = g if ul is None else ul.scale(g)
             sc = None
             if scaled:  # dL/dz is linear in (g, the term's a): scaling g_rows and the term's parts scales it

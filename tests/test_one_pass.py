@@ -116,7 +116,7 @@ def test_the_scales_are_the_objectives_gradient(impl, device):
     plan = OP.plan_chunks(batch, c, r, max_rows=OP._max_rows(opts, impl, batch.hidden, 517))
     assert len(plan.bounds) >= 3
     loop = OP._Loop(batch=batch, weight=b["weight"], bias=None, opts=opts, impl=impl, plan=plan, objective=obj,
-                    need=(True, True, False))
+                    need=(True, True, False), check=True)
     with torch.no_grad():  # as inside the autograd.Function's forward
         loop.run()
     sums, counts = loop._final

@@ -105,11 +105,11 @@ def _bind(*args, **kwargs) -> dict:
 
 
 def _one_dtype(hidden, weight, bias):
-    """The kernels take one dtype: autocast's where it is on (what the head's matmul would have run
-    in; the cast of a frozen head costs no gradient), else the weight's."""
-    dev = hidden.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    """The kernels take one dtype. Under autocast the fused functions cast as F.linear does
+    (_inputs.autocast_rule); outside it, hidden and bias take the weight's."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    return hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)
 
 
 class FusedDPOTrainer(DPOTrainer):
@@ -171,12 +171,10 @@ class FusedDPOTrainer(DPOTrainer):
     # The head: everything goes through the model's (patched) forward
 
     def _head(self, model, inputs, fn):
-        """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype, autocast off."""
+        """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype (under autocast, its rule)."""
 
         def in_one_dtype(hidden, weight, bias, softcap):
-            hidden, weight, bias = _one_dtype(hidden, weight, bias)
-            with torch.autocast(hidden.device.type, enabled=False):
-                return fn(hidden, weight, bias, softcap)
+            return fn(*_one_dtype(hidden, weight, bias), softcap)
 
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=in_one_dtype)
