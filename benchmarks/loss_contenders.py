@@ -22,6 +22,8 @@ forward and backward to the hidden states and the lm_head weight.
                  kernels (CUDA only here)
   clo triton 2-pass  backward="staged": Triton tile-kernel forward, recompute into a staging buffer
   clo triton lean    backward="atomic", the lean mode: tile kernels both ways, no [chunk, V] buffer
+  trl +stats, clo torch +stats, clo triton +stats   the same with the row statistics TRL's DPOTrainer
+                 logs (entropy, mean logit, argmax == label) computed in the same pass: what a trainer pays
 
 The peers (liger-kernel, cut-cross-entropy, trl) are optional: each is imported inside its builder, and
 unavailable() says why one is skipped without importing it.
@@ -149,7 +151,10 @@ def _build_cce(b: Batch, device):
     return loss, [b.hidden, b.weight], "" if impl == "cce" else "impl=torch_compile (naive logits under compile)"
 
 
-def _build_trl(b: Batch, device):
+LOGGED_STATS = ("entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its head for, besides log-probs
+
+
+def _build_trl(b: Batch, device, outputs: tuple[str, ...] = ()):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
 
     note = _trl_backward_imports() or ""
@@ -162,18 +167,18 @@ def _build_trl(b: Batch, device):
         if compact:
             m = mask.reshape(-1)
             lp = ChunkedLogProbFunction.apply(h[m], b.weight, None, y[m], 1.0, TRL_VOCAB_CHUNK, b.softcap, 1.0,
-                                              ())[0]
+                                              outputs)[0]
             tok = lp.new_zeros(mask.shape).masked_scatter(mask, lp)
         else:
             lp = ChunkedLogProbFunction.apply(h, b.weight, None, y.clamp_min(0), 1.0, TRL_VOCAB_CHUNK, b.softcap,
-                                              1.0, ())[0]
+                                              1.0, outputs)[0]
             tok = lp.view(mask.shape).masked_fill(~mask, 0.0)
         return clo_from_token_logps(tok, mask, b)
 
     return loss, [b.hidden, b.weight], note
 
 
-def _build_clo(impl: str, backward: str = "one_pass"):
+def _build_clo(impl: str, backward: str = "one_pass", row_stats: tuple[str, ...] = ()):
     options = ck.LogProbOptions(backward=backward)
 
     def build(b: Batch, device):
@@ -181,7 +186,7 @@ def _build_clo(impl: str, backward: str = "one_pass"):
             return ck.fused_linear_clo_loss(b.hidden, b.weight, b.labels, chosen=b.chosen, rejected=b.rejected,
                                             nll_mask=b.nll_mask, ref_logps=b.ref_logps, beta=b.beta,
                                             nll_weight=b.nll_weight, softcap=b.softcap, impl=impl,
-                                            validate=False, options=options).loss
+                                            row_stats=row_stats, validate=False, options=options).loss
 
         return loss, [b.hidden, b.weight], ""
 
@@ -199,6 +204,10 @@ CONTENDERS = {c.name: c for c in [
     Contender("clo triton", None, _build_clo("triton"), cuda_only=True, grads_in_forward=True),
     Contender("clo triton 2-pass", None, _build_clo("triton", "staged"), cuda_only=True),
     Contender("clo triton lean", None, _build_clo("triton", "atomic"), cuda_only=True),
+    Contender("trl +stats", "trl", lambda b, device: _build_trl(b, device, LOGGED_STATS)),
+    Contender("clo torch +stats", None, _build_clo("torch", row_stats=LOGGED_STATS), grads_in_forward=True),
+    Contender("clo triton +stats", None, _build_clo("triton", row_stats=LOGGED_STATS), cuda_only=True,
+              grads_in_forward=True),
 ]}
 _MODULES = {"liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy", "trl": "trl"}
 

@@ -10,7 +10,7 @@ Importing this package needs only torch: Triton is loaded on the first impl="tri
 from .from_logits import clo_loss_from_logits
 from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
 from .objective import LOSS_TYPES, CLOObjective, CLOOutput, PairObjective, PreferenceObjective
-from .options import LogProbOptions
+from .options import ROW_STATS, LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
 from .unlikelihood import unlikelihood_loss
 
@@ -27,6 +27,7 @@ __all__ = [
     "PreferenceObjective",
     "QUAD_SEQUENCES",
     "QuadLayout",
+    "ROW_STATS",
     "clo_loss_from_logits",
     "fused_linear_clo_loss",
     "fused_linear_sequence_loss",

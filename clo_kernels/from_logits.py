@@ -20,7 +20,7 @@ class _LogitsLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, softcap, inplace, ops):
-        logp, lse = ops[0](logits, labels, bias=None, softcap=softcap)
+        logp, lse, _ = ops[0](logits, labels, bias=None, softcap=softcap)
         ctx.save_for_backward(logits, labels, lse)
         ctx.softcap, ctx.inplace, ctx.backward_into = softcap, inplace, ops[1]
         return logp
@@ -38,7 +38,7 @@ def logits_token_logps(batch: TokenBatch, *, softcap, impl: str, inplace: bool) 
     if impl == "reference":
         from .reference import reference_logits_token_logps
 
-        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap=softcap), batch)
+        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap=softcap)[0], batch)
     ops = row_ops(impl)
     labels = labels.clamp(0, logits.shape[1] - 1)  # out-of-range ones become NaN in mask_token_logps
     if needs_autograd(logits):

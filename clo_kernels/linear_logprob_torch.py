@@ -2,7 +2,8 @@
 logits that every torch path shares, and the two-pass chunked head.
 
 The row operations (``rows_forward``, ``rows_grad_into``) take logit rows z (any float
-dtype) and work in fp32 over small row blocks, so their temporaries stay cache-sized:
+dtype) and work in fp32 over small row blocks, so their temporaries stay cache-sized
+(``rows_forward`` also gives the row statistics of options.ROW_STATS where asked):
 
     u_t      = z_t + b                               (bias optional)
     c(u)     = softcap * tanh(u / softcap)            (softcap optional)
@@ -56,16 +57,44 @@ def _rows(z, bias, s, e, softcap):
     return u, capped(u, softcap)
 
 
-def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, bias, softcap) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, lse), each (n,) fp32, of logit rows z (n, V); labels (n,) already in [0, V)."""
+def row_stats(w: torch.Tensor, e: torch.Tensor, total: torch.Tensor, m: torch.Tensor, labels: torch.Tensor,
+              names: tuple[str, ...]) -> torch.Tensor:
+    """(len(names), n) fp32 ROW_STATS (clo_kernels.options) of rows u = w + m, from w, e = exp(w) and
+    total = sum_v e (so p = e / total); m (n,) the rows' maxima."""
+    out = []
+    for name in names:
+        if name == "entropy":  # log total - sum p w; where(): an -inf logit has p w = 0, not NaN
+            out.append(total.log() - torch.where(e > 0, e * w, 0.0).sum(1) / total)
+        elif name == "mean_logits":
+            out.append(w.mean(1) + m)
+        elif name == "is_top1":  # argmax takes the first maximum, so a tie with an earlier token is no hit
+            out.append((w.argmax(1) == labels).float())
+        else:  # log_sum_sq_probs
+            out.append((e * e).sum(1).log() - 2.0 * total.log())
+    return torch.stack(out)
+
+
+def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, bias, softcap,
+                 stats: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp, lse, st) of logit rows z (n, V); labels (n,) already in [0, V). logp and lse (n,)
+    fp32; st the (len(stats), n) fp32 row statistics (``row_stats``) or None without stats."""
     n, V = z.shape
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    st = torch.empty((len(stats), n), dtype=torch.float32, device=z.device) if stats else None
     for s, e in _blocks(n, V):
         _, (c, _) = _rows(z, bias, s, e, softcap)
-        lse[s:e] = logsumexp(c)
+        if stats:
+            m = c.amax(dim=1)
+            w = c - m[:, None]
+            ex = w.exp()
+            total = ex.sum(1)
+            lse[s:e] = m + total.log()
+            st[:, s:e] = row_stats(w, ex, total, m, labels[s:e], stats)
+        else:
+            lse[s:e] = logsumexp(c)
         logp[s:e] = c.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
-    return logp, lse
+    return logp, lse, st
 
 
 def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, *,
@@ -92,23 +121,32 @@ def rows_grad_into(dl: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, lse:
             out.copy_(dz)
 
 
-def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, *, bias) -> tuple[torch.Tensor, ...]:
+def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, *, bias,
+                  stats: tuple[str, ...] = ()) -> tuple[torch.Tensor, ...]:
     """rows_forward for fp32 rows z that are the caller's scratch, without softcap: leaves
     exp(u - max u) in z, so that rows_grad_from_softmax_ needs one more pass, not three.
-    Returns (logp, lse, 1 / sum exp(u - max u)), each (n,)."""
+    Returns (logp, lse, 1 / sum exp(u - max u), st), the first three (n,), st as rows_forward's."""
     n, V = z.shape
     logp, lse, inv = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    st = torch.empty((len(stats), n), dtype=torch.float32, device=z.device) if stats else None
     for s, e in _blocks(n, V):
         u = z[s:e]
         if bias is not None:
             u.add_(bias)
         m = u.amax(dim=1, keepdim=True)
         tgt = u.gather(1, labels[s:e, None]).squeeze(1)
-        total = u.sub_(m).exp_().sum(dim=1)
+        w = u.sub_(m)
+        if stats:  # w is still needed: exp into a block-sized temporary, then over the rows
+            ex = w.exp()
+            total = ex.sum(dim=1)
+            st[:, s:e] = row_stats(w, ex, total, m.squeeze(1), labels[s:e], stats)
+            w.copy_(ex)
+        else:
+            total = w.exp_().sum(dim=1)
         lse[s:e] = m.squeeze(1) + total.log()
         logp[s:e] = tgt - lse[s:e]
         inv[s:e] = total.reciprocal()
-    return logp, lse, inv
+    return logp, lse, inv, st
 
 
 def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tensor, inv: torch.Tensor, *,
@@ -122,19 +160,24 @@ def rows_grad_from_softmax_(z: torch.Tensor, labels: torch.Tensor, g: torch.Tens
             db += dz.sum(0)
 
 
-def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out (N,) fp32 log-probs, 0 at unlabelled tokens; lse (len(rows),) fp32."""
+def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out, lse, st): out (N,) fp32 log-probs, 0 at unlabelled tokens; lse (len(rows),) fp32;
+    st (len(opts.row_stats), N) fp32 row statistics (0 at unlabelled tokens) or None."""
     hidden, weight, bias, labels, rows = inputs.hidden, inputs.weight, inputs.bias, inputs.labels, inputs.rows
     V = weight.shape[0]
     chunk = opts.chunk_rows(V, 4, hidden.device)
     out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+    names = opts.row_stats
+    st = torch.zeros((len(names), hidden.shape[0]), dtype=torch.float32, device=hidden.device) if names else None
     for s in range(0, rows.numel(), chunk):
         r = rows[s : s + chunk]
         # Out-of-range labels are clamped here and turned into NaN by the caller.
-        out[r], lse[s : s + chunk] = rows_forward(hidden[r] @ weight.T, labels[r].clamp(0, V - 1), bias=bias,
-                                                  softcap=opts.softcap)
-    return out, lse
+        out[r], lse[s : s + chunk], part = rows_forward(hidden[r] @ weight.T, labels[r].clamp(0, V - 1), bias=bias,
+                                                        softcap=opts.softcap, stats=names)
+        if names:
+            st[:, r] = part
+    return out, lse, st
 
 
 def _backward(saved: HeadTensors, grad: torch.Tensor, *, opts: LogProbOptions,
@@ -171,24 +214,29 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: LogProbOptions, *tensors):
         inputs = HeadTensors(*tensors)
-        out, lse = _forward(inputs, opts=opts)
+        out, lse, st = _forward(inputs, opts=opts)
         ctx.save_for_backward(*inputs._replace(lse=lse))
         ctx.opts = opts
-        return out
+        if st is not None:
+            ctx.mark_non_differentiable(st)
+        return out, st
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_stats=None):
         saved = HeadTensors(*ctx.saved_tensors)
         dh, dw, db = _backward(saved, grad, opts=ctx.opts, need=tuple(ctx.needs_input_grad[1:4]))
         return None, dh, dw, db, *(None,) * (len(saved) - 3)
 
 
-def linear_token_logps_torch(batch: TokenBatch, weight, bias, *, opts: LogProbOptions) -> torch.Tensor:
-    """(N,) fp32 log-probs of batch's labelled tokens, 0 elsewhere; differentiable."""
+def linear_token_logps_torch(batch: TokenBatch, weight, bias, *,
+                             opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((N,) fp32 log-probs of batch's labelled tokens, 0 elsewhere, differentiable; the
+    (len(opts.row_stats), N) row statistics, or None)."""
     # nonzero syncs with the host; on this path (CPU default) that costs nothing, and it
     # lets prompt and padding tokens skip the product entirely.
     rows = batch.valid.nonzero().squeeze(1)
     inputs = HeadTensors(batch.hidden, weight, bias, batch.labels, rows)
     if needs_autograd(batch.hidden, weight, bias):
         return _ChunkedLinearLogProb.apply(opts, *inputs)
-    return _forward(inputs, opts=opts)[0]
+    out, _, st = _forward(inputs, opts=opts)
+    return out, st

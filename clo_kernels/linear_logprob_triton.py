@@ -96,17 +96,18 @@ def _logit_tile(
 
 @triton.jit
 def _fwd_kernel(
-    # pointers: hidden, weight, bias, labels, row order, labelled count; outputs (splits, N) fp32
-    H, W, B, Y, ROWS, NVALID, LSE, TGT,
+    # pointers: hidden, weight, bias, labels, row order, labelled count; outputs (splits, N) fp32,
+    # and with STATS the (5, splits, N) fp32 partial row statistics
+    H, W, B, Y, ROWS, NVALID, LSE, TGT, ST,
     # sizes
     D, V, v_per_split,
     # strides
-    stride_h, stride_w, stride_part,
+    stride_h, stride_w, stride_part, stride_st,
     # scalars
     softcap,
     # flags / meta-parameters (constexpr)
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -119,6 +120,11 @@ def _fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # STATS: sum e z and sum e^2 (e = exp(z - m_i), rescaled as m_i grows), sum z, max over v < y
+        x_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        q_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mb_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         v_start = pid_s * v_per_split
         # Loop bounds stay host integers: the Triton 3.6 interpreter cannot iterate up to a tensor.
         for v0 in range(v_start, v_start + v_per_split, BLOCK_V):
@@ -129,11 +135,25 @@ def _fwd_kernel(
             z = tl.where(v_mask[None, :], z, float("-inf"))
             tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            alpha = tl.exp(m_i - m_new)
+            e = tl.exp(z - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(e, axis=1)
+            if STATS:
+                z0 = tl.where(v_mask[None, :], z, 0.0)  # 0 * -inf would be NaN
+                x_i = x_i * alpha + tl.sum(tl.where(e > 0, e * z0, 0.0), axis=1)
+                q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
+                s_i += tl.sum(z0, axis=1)
+                mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
             m_i = m_new
         out = pid_s * stride_part + rows
         tl.store(LSE + out, m_i + tl.log(l_i), mask=row_mask)
         tl.store(TGT + out, tgt, mask=row_mask)
+        if STATS:  # merged over the splits by _merge_stats
+            tl.store(ST + out, x_i / l_i, mask=row_mask)
+            tl.store(ST + stride_st + out, 2.0 * m_i + tl.log(q_i), mask=row_mask)
+            tl.store(ST + 2 * stride_st + out, s_i, mask=row_mask)
+            tl.store(ST + 3 * stride_st + out, m_i, mask=row_mask)
+            tl.store(ST + 4 * stride_st + out, mb_i, mask=row_mask)
 
 
 @triton.jit
@@ -347,9 +367,24 @@ def _kernel_flags(inputs: HeadTensors, opts: LogProbOptions) -> dict:
     )
 
 
+def _merge_stats(part: torch.Tensor, lse_part: torch.Tensor, lse: torch.Tensor, tgt: torch.Tensor, V: int,
+                 names: tuple[str, ...]) -> torch.Tensor:
+    """(len(names), N) row statistics from the splits' partial ones (_fwd_kernel's ST: per split the
+    softmax-weighted mean logit, log sum exp(2u), sum u, max u, max u before the label)."""
+    xbar, lq, zsum, mx, mb = part
+    out = {
+        "entropy": lambda: lse - (torch.exp(lse_part - lse) * xbar).sum(0),
+        "mean_logits": lambda: zsum.sum(0) / V,
+        "is_top1": lambda: ((tgt >= mx.amax(0)) & (tgt > mb.amax(0))).float(),
+        "log_sum_sq_probs": lambda: torch.logsumexp(lq, 0) - 2.0 * lse,
+    }
+    return torch.stack([out[k]() for k in names])
+
+
 @on_tensor_device
-def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, lse), each (N,) fp32, of the labelled tokens (garbage elsewhere)."""
+def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp, lse, st): logp and lse (N,) fp32 of the labelled tokens (garbage elsewhere); st the
+    (len(opts.row_stats), N) fp32 row statistics (garbage at unlabelled tokens) or None."""
     hidden, weight = inputs.hidden, inputs.weight
     N, D = hidden.shape
     V = weight.shape[0]
@@ -370,17 +405,20 @@ def _forward(inputs: HeadTensors, *, opts: LogProbOptions) -> tuple[torch.Tensor
 
     lse_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
     tgt_part = torch.zeros((splits, N), dtype=torch.float32, device=hidden.device)
+    stats = opts.row_stats
+    st_part = torch.zeros((5, splits, N), dtype=torch.float32, device=hidden.device) if stats else lse_part
     _fwd_kernel[(num_m, splits)](
-        hidden, weight, inputs.bias, inputs.labels, inputs.rows, inputs.n_valid, lse_part, tgt_part,
-        D, V, v_per_split, hidden.stride(0), weight.stride(0), lse_part.stride(0),
+        hidden, weight, inputs.bias, inputs.labels, inputs.rows, inputs.n_valid, lse_part, tgt_part, st_part,
+        D, V, v_per_split, hidden.stride(0), weight.stride(0), lse_part.stride(0), st_part.stride(0),
         float(opts.softcap or 0.0),
-        **_kernel_flags(inputs, opts),
+        **_kernel_flags(inputs, opts), STATS=bool(stats),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
     tgt = tgt_part.sum(0) if splits > 1 else tgt_part[0]
-    return tgt - lse, lse
+    st = _merge_stats(st_part, lse_part, lse, tgt, V, stats) if stats else None
+    return tgt - lse, lse, st
 
 
 @on_tensor_device
@@ -469,20 +507,24 @@ class _TritonLinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: LogProbOptions, *tensors):
         inputs = HeadTensors(*tensors)
-        logp, lse = _forward(inputs, opts=opts)
+        logp, lse, st = _forward(inputs, opts=opts)
         ctx.save_for_backward(*inputs._replace(lse=lse))
         ctx.opts = opts
-        return logp
+        if st is not None:
+            ctx.mark_non_differentiable(st)
+        return logp, st
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_stats=None):
         saved = HeadTensors(*ctx.saved_tensors)
         dh, dw, db = _BACKWARDS[ctx.opts.backward](saved, grad, opts=ctx.opts, need=tuple(ctx.needs_input_grad[1:4]))
         return None, dh, dw, db, *(None,) * (len(saved) - 3)
 
 
-def linear_token_logps_triton(batch: TokenBatch, weight, bias, *, opts: LogProbOptions) -> torch.Tensor:
-    """(N,) fp32 log-probs of batch's labelled tokens (garbage elsewhere: the caller masks); differentiable."""
+def linear_token_logps_triton(batch: TokenBatch, weight, bias, *,
+                              opts: LogProbOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((N,) fp32 log-probs of batch's labelled tokens, differentiable; the (len(opts.row_stats), N)
+    row statistics or None), garbage at unlabelled tokens: the caller masks."""
     hidden, valid = batch.hidden, batch.valid
     check_device(hidden)
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -494,4 +536,5 @@ def linear_token_logps_triton(batch: TokenBatch, weight, bias, *, opts: LogProbO
     inputs = HeadTensors(hidden, weight, bias, batch.labels, rows, n_valid)
     if needs_autograd(hidden, weight, bias):
         return _TritonLinearLogProb.apply(opts, *inputs)
-    return _forward(inputs, opts=opts)[0]
+    logp, _, st = _forward(inputs, opts=opts)
+    return logp, st

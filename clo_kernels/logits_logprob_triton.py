@@ -5,7 +5,8 @@ one-pass fused loss (clo_kernels.one_pass), which hands them each chunk's logits
 in any float dtype, bias (V,) optional:
 
     u_t    = softcap(z_t + b)
-    logp_t = u_t[y_t] - logsumexp(u_t)          rows_forward: one read of the rows, fp32 in registers
+    logp_t = u_t[y_t] - logsumexp(u_t)          rows_forward: one read of the rows, fp32 in registers,
+                                                (and options.ROW_STATS where asked, in the same read)
     dz_t   = g_t * (onehot(y_t) - softmax(u_t)) * (1 - (u_t / c)^2)
 
 rows_grad_into writes dz in the rows' dtype, into a new tensor or over the logits themselves
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .linear_logprob_triton import INTERPRETED, _tanh, check_device, on_tensor_device
+from .options import ROW_STATS
 
 
 @triton.jit
@@ -48,16 +50,17 @@ def _capped(
 
 @triton.jit
 def _fwd_kernel(
-    # pointers: logits, bias, labels; outputs (N,) fp32
-    L, B, Y, LOGP, LSE,
+    # pointers: logits, bias, labels; outputs (N,) fp32, row statistics (4, N) fp32
+    L, B, Y, LOGP, LSE, ST,
     # sizes
     N, V,
     # strides
-    stride,
+    stride, stride_st,
     # scalars
     softcap,
     # flags / meta-parameters (constexpr)
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
@@ -65,6 +68,11 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # STATS: sum e z and sum e^2 (e = exp(z - m_i), rescaled as m_i grows), sum z, max over v < y
+    x_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    q_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mb_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
@@ -72,11 +80,25 @@ def _fwd_kernel(
         z = tl.where(v_mask[None, :], z, float("-inf"))
         tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        if STATS:
+            z0 = tl.where(v_mask[None, :], z, 0.0)  # 0 * -inf would be NaN
+            x_i = x_i * alpha + tl.sum(tl.where(e > 0, e * z0, 0.0), axis=1)
+            q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
+            s_i += tl.sum(z0, axis=1)
+            mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
         m_i = m_new
     lse = m_i + tl.log(l_i)
     tl.store(LSE + rows, lse, mask=row_mask)
     tl.store(LOGP + rows, tgt - lse, mask=row_mask)
+    if STATS:  # in options.ROW_STATS order
+        tl.store(ST + rows, lse - x_i / l_i, mask=row_mask)
+        tl.store(ST + stride_st + rows, s_i / V, mask=row_mask)
+        top1 = (tgt >= m_i) & (tgt > mb_i)
+        tl.store(ST + 2 * stride_st + rows, tl.where(top1, 1.0, 0.0), mask=row_mask)
+        tl.store(ST + 3 * stride_st + rows, tl.log(q_i) - 2.0 * tl.log(l_i), mask=row_mask)
 
 
 @triton.jit
@@ -119,19 +141,22 @@ def _launch_cfg():
 
 
 @on_tensor_device
-def rows_forward(z, labels, *, bias, softcap):
-    """(logp, lse), each (n,) fp32, of logit rows z (n, V) plus bias."""
+def rows_forward(z, labels, *, bias, softcap, stats=()):
+    """(logp, lse, st) of logit rows z (n, V) plus bias: logp and lse (n,) fp32, st the
+    (len(stats), n) fp32 row statistics of options.ROW_STATS, or None without stats."""
     check_device(z)
     n, V = z.shape
     bm, bv, warps = _launch_cfg()
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    st = torch.empty((len(ROW_STATS), n), dtype=torch.float32, device=z.device) if stats else lse
     _fwd_kernel[(triton.cdiv(n, bm),)](
-        z, z if bias is None else bias, labels, logp, lse,
-        n, V, z.stride(0), float(softcap or 0.0),
-        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_V=bv, num_warps=warps,
+        z, z if bias is None else bias, labels, logp, lse, st,
+        n, V, z.stride(0), st.stride(0), float(softcap or 0.0),
+        HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, STATS=bool(stats), BLOCK_M=bm, BLOCK_V=bv,
+        num_warps=warps,
     )
-    return logp, lse
+    return logp, lse, (st[[ROW_STATS.index(k) for k in stats]] if stats else None)
 
 
 @on_tensor_device

@@ -12,33 +12,39 @@ from .objective import CLOObjective, CLOOutput, PairObjective, sequence_means, s
 from .options import LogProbOptions
 
 
-def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str) -> torch.Tensor:
-    """(N,) fp32 log-probs of batch's tokens: 0 where ignored, NaN where a label is out of range."""
+def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions,
+                impl: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) fp32 log-probs of batch's tokens (0 where ignored, NaN where a label is out of range) and
+    the (len(opts.row_stats), N) row statistics (0 where ignored), or None without row_stats."""
     if impl != "reference" and opts.backward == "one_pass" and not _inputs.needs_autograd(batch.hidden, weight, bias):
         # No gradient (the reference pass, evaluation): the one-pass loop's forward, products at
         # matmul rate into a reused buffer.
         from .one_pass import forward_token_logps
 
-        return _inputs.mask_token_logps(forward_token_logps(batch, weight, bias, opts=opts, impl=impl), batch)
-    if impl == "reference":
+        out, st = forward_token_logps(batch, weight, bias, opts=opts, impl=impl)
+    elif impl == "reference":
         from .reference import reference_token_logps
 
-        out = reference_token_logps(batch, weight, bias, softcap=opts.softcap)
+        out, st = reference_token_logps(batch, weight, bias, softcap=opts.softcap, stats=opts.row_stats)
     elif impl == "torch":
         from .linear_logprob_torch import linear_token_logps_torch
 
-        out = linear_token_logps_torch(batch, weight, bias, opts=opts)
+        out, st = linear_token_logps_torch(batch, weight, bias, opts=opts)
     else:
         from .backend import triton_module
 
-        out = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
-    return _inputs.mask_token_logps(out, batch)
+        out, st = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
+    return _inputs.mask_token_logps(out, batch), None if st is None else _inputs.mask_token_logps(st, batch)
 
 
-def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: float | None) -> LogProbOptions:
+def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: float | None,
+             row_stats: tuple[str, ...] = ()) -> LogProbOptions:
     if options is not None and not isinstance(options, LogProbOptions):
         raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
-    return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap)
+    if isinstance(row_stats, str):
+        row_stats = (row_stats,)
+    return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap,
+                               row_stats=tuple(row_stats))
 
 
 def prepare_loss_batch(hidden, labels, objective: PairObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
@@ -95,7 +101,7 @@ def sequence_logps(
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                                   shift=shift, ignore_index=ignore_index, validate=validate)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
-    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
+    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))[0]
     sums, counts = sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs)
     return sequence_means(sums, counts) if average else sums
 
@@ -124,6 +130,7 @@ def fused_linear_clo_loss(
     unlikelihood: float = 0.0,
     unlikelihood_mask: torch.Tensor | None = None,
     num_unlikelihood_tokens: int | float | torch.Tensor | None = None,
+    row_stats: tuple[str, ...] = (),
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
@@ -159,7 +166,11 @@ def fused_linear_clo_loss(
     CUDA, torch elsewhere. validate=False skips the range checks that need a host sync; an
     out-of-range label or index then gives a NaN loss. ``options`` tunes the kernels.
 
-    Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars).
+    row_stats: names from ROW_STATS, no-grad statistics of each labelled token's logit row read in
+    the same pass (entropy, mean_logits, is_top1, log_sum_sq_probs), summed per sequence.
+
+    Returns a CLOOutput: loss (scalar), logps (S,) detached, metrics (dict of detached scalars),
+    row_stats (name -> (S,) detached sums).
     """
     objective = CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask, ref_logps=ref_logps, beta=beta,
                              nll_weight=nll_weight, average_logps=average_logps, num_pairs=num_pairs,
@@ -168,7 +179,8 @@ def fused_linear_clo_loss(
     return fused_linear_sequence_loss.__wrapped__(
         hidden, weight, labels, objective, seq_ids=seq_ids, num_seqs=num_seqs, bias=bias, softcap=softcap, shift=shift,
         ignore_index=ignore_index, unlikelihood=unlikelihood, unlikelihood_mask=unlikelihood_mask,
-        num_unlikelihood_tokens=num_unlikelihood_tokens, impl=impl, validate=validate, options=options)
+        num_unlikelihood_tokens=num_unlikelihood_tokens, row_stats=row_stats, impl=impl, validate=validate,
+        options=options)
 
 
 @_inputs.autocast_rule("linear")
@@ -187,6 +199,7 @@ def fused_linear_sequence_loss(
     unlikelihood: float = 0.0,
     unlikelihood_mask: torch.Tensor | None = None,
     num_unlikelihood_tokens: int | float | torch.Tensor | None = None,
+    row_stats: tuple[str, ...] = (),
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
@@ -199,6 +212,10 @@ def fused_linear_sequence_loss(
     takes its gradient scales by autograd through the objective, chunk by chunk of whole pairs,
     when the objective is pair-local (``objective.pair_local``); otherwise the two-pass path runs,
     chosen up front. validate=True on the CPU also checks that claim after the loop.
+
+    row_stats: names from ROW_STATS (entropy, mean_logits, is_top1, log_sum_sq_probs), read in the
+    same pass over each logit row as its logsumexp, no gradient; the output's ``row_stats`` holds
+    their (S,) sums per sequence. Those the objective reads (``objective.row_stats``) are added.
     """
     _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = prepare_loss_batch(hidden, labels, objective, vocab_size=weight.shape[0], seq_ids=seq_ids,
@@ -206,7 +223,8 @@ def fused_linear_sequence_loss(
                                validate=validate)
     term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
                               ignore_index=ignore_index)
-    opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+    opts = _options(options, ignore_index=ignore_index, softcap=softcap,
+                    row_stats=(*((row_stats,) if isinstance(row_stats, str) else row_stats), *objective.row_stats))
     impl = _inputs.resolve_impl(impl, hidden.device)
     if impl != "reference" and opts.backward == "one_pass":
         from .one_pass import clo_loss
@@ -217,8 +235,8 @@ def fused_linear_sequence_loss(
                        check=validate and hidden.device.type == "cpu")
         if out is not None:
             return out
-    tok = token_logps(batch, weight, bias, opts=opts, impl=impl)
-    out = objective.output(tok, batch)
+    tok, st = token_logps(batch, weight, bias, opts=opts, impl=impl)
+    out = objective.output(tok, batch, token_stats=st, names=opts.row_stats)
     if term is not None:
         term.add_to(out, term.value(batch, weight, bias, tok, softcap=softcap))
     return out

@@ -35,6 +35,9 @@ class CLOOutput:
     loss: torch.Tensor
     logps: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The row statistics asked for (row_stats=, options.ROW_STATS): name -> (S,) fp32 sums over each
+    # sequence's labelled tokens, detached (divide by the sequences' token counts for means).
+    row_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def sequence_sums(token_logps, seq_ids, valid, num_seqs):
@@ -42,6 +45,14 @@ def sequence_sums(token_logps, seq_ids, valid, num_seqs):
     sums = token_logps.new_zeros(num_seqs).index_add(0, seq_ids, token_logps)
     counts = token_logps.new_zeros(num_seqs).index_add(0, seq_ids, valid.to(token_logps.dtype))
     return sums, counts
+
+
+def stat_sums(token_stats: torch.Tensor | None, names: tuple[str, ...], seq_ids, num_seqs) -> dict[str, torch.Tensor]:
+    """name -> (S,) per-sequence sums of (len(names), N) token row statistics (0 at unlabelled tokens)."""
+    if token_stats is None:
+        return {}
+    sums = token_stats.new_zeros((len(names), num_seqs)).index_add_(1, seq_ids, token_stats)
+    return dict(zip(names, sums, strict=True))
 
 
 def sequence_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -78,6 +89,7 @@ class PairObjective:
     # the token counts, known before any logit): then a chunk of whole pairs knows its scales.
     pair_local = True
     nll_mask = None  # (S,) bool: the sequences of an NLL term, where the objective has one
+    row_stats = ()  # the options.ROW_STATS whose (S,) sums ``loss`` reads from ``stats``
 
     def __post_init__(self):
         _inputs.check_denominator("num_pairs", self.num_pairs)
@@ -103,7 +115,10 @@ class PairObjective:
         """(S,) policy minus reference log-probs (the policy's alone without a reference)."""
         return logps if self.ref_logps is None else logps - self.ref_logps.to(logps.dtype)
 
-    def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, sums: torch.Tensor, counts: torch.Tensor,
+             stats: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, parts) from (S,) log-prob sums and token counts; stats: name -> (S,) sums of the
+        no-grad row statistics in ``row_stats``."""
         raise NotImplementedError
 
     def metrics(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,14 +136,17 @@ class PairObjective:
             }
             return {k: v.detach() for k, v in out.items()}
 
-    def output(self, token_logps: torch.Tensor, batch: TokenBatch) -> CLOOutput:
+    def output(self, token_logps: torch.Tensor, batch: TokenBatch, *, token_stats: torch.Tensor | None = None,
+               names: tuple[str, ...] = ()) -> CLOOutput:
         """The loss, sequence log-probs and metrics from (N,) token log-probs laid out as ``batch``
-        (differentiable in token_logps)."""
+        (differentiable in token_logps), and the (len(names), N) row statistics ``names`` summed per sequence."""
         sums, counts = sequence_sums(token_logps, batch.seq_ids, batch.valid, batch.num_seqs)
-        loss, parts = self.loss(sums, counts)
+        stats = stat_sums(token_stats, names, batch.seq_ids, batch.num_seqs)
+        loss, parts = self.loss(sums, counts, stats)
         if batch.bad_token is not None:  # validate=False: an out-of-range token poisons the whole loss
             loss = torch.where(batch.bad_token.any(), float("nan"), loss)
-        return CLOOutput(loss=loss, logps=parts["logps"].detach(), metrics=self.metrics(parts))
+        return CLOOutput(loss=loss, logps=parts["logps"].detach(), metrics=self.metrics(parts),
+                         row_stats={k: v.detach() for k, v in stats.items()})
 
 
 def _nll(sums, counts, mask, num_tokens):
@@ -155,7 +173,7 @@ class CLOObjective(PairObjective):
         _inputs.check_scalars(beta=self.beta, nll_weight=self.nll_weight, softcap=None)
         _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
 
-    def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, sums, counts, stats=None):
         logps = sequence_means(sums, counts) if self.average_logps else sums
         policy = self.log_ratios(logps)
         chosen_rewards = self.beta * _pick(policy, self.chosen)
@@ -264,7 +282,8 @@ class PreferenceObjective(PairObjective):
     num_nll_tokens). The others average over the pairs (or divide by num_pairs). label_smoothing
     (robust, exo_pair, aot), discopop_tau, f_divergence_type and f_alpha_divergence_coef as in
     DPOConfig. aot and aot_unpaired rank the batch's pairs: not pair-local, so they run on the
-    exact two-pass path."""
+    exact two-pass path. use_weighting: WPO (Zhou et al., 2024), each pair's loss times the no-grad
+    weights exp(mean_t (logp_t - log sum_v p_t(v)^2)) of its two sequences, as TRL weighs them."""
 
     loss_type: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
@@ -273,6 +292,7 @@ class PreferenceObjective(PairObjective):
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 1.0
+    use_weighting: bool = False
     num_nll_tokens: int | float | torch.Tensor | None = None
 
     def __post_init__(self):
@@ -301,46 +321,71 @@ class PreferenceObjective(PairObjective):
             raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair', got {self.label_smoothing}")
         if "discopop" in types and not self.discopop_tau > 0:
             raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
+        if self.use_weighting and _NOT_PAIR_LOCAL & set(types):
+            raise ValueError(f"use_weighting works with pair-wise losses only (as in TRL: aot and aot_unpaired sort "
+                             f"the pairs, which would misalign the weights), got {list(types)}")
+
+    @property
+    def row_stats(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("log_sum_sq_probs",) if self.use_weighting else ()
+
+    def _pair_weights(self, sums, counts, stats) -> torch.Tensor | None:
+        """WPO's (P,) no-grad weights w_chosen * w_rejected, None without use_weighting."""
+        if not self.use_weighting:
+            return None
+        if not stats or "log_sum_sq_probs" not in stats:
+            raise ValueError("use_weighting needs the row statistic 'log_sum_sq_probs' in stats")
+        with torch.no_grad():
+            w = torch.exp((sums - stats["log_sum_sq_probs"].to(sums.dtype)) / counts.clamp_min(1.0))
+        return _pick(w, self.chosen) * _pick(w, self.rejected)
 
     @property
     def pair_local(self) -> bool:  # type: ignore[override]
-        return not _NOT_PAIR_LOCAL & set(self.loss_type)
+        # WPO weighs the sft term by the mean weight of all pairs: every chosen sequence's scale then
+        # depends on every pair's sums, so that mixture also takes the exact path.
+        return not _NOT_PAIR_LOCAL & set(self.loss_type) and not (self.use_weighting and "sft" in self.loss_type)
 
-    def loss(self, sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, sums, counts, stats=None):
         r = self.log_ratios(sums)
         s = f_scores(r, self.f_divergence_type, self.f_alpha_divergence_coef)
         pick_c, pick_r = (lambda x: _pick(x, self.chosen)), (lambda x: _pick(x, self.rejected))
         p = _Pairs(rc=pick_c(r), rr=pick_r(r), sc=pick_c(s), sr=pick_r(s), nc=pick_c(counts), nr=pick_r(counts),
                    lc=pick_c(sums), lr=pick_r(sums), beta=self.beta, eps=self.label_smoothing, tau=self.discopop_tau)
         weights = self.loss_weights or (1.0,) * len(self.loss_type)
+        pw = self._pair_weights(sums, counts, stats)
         loss, nll = sums.new_zeros(()), sums.new_full((), float("nan"))
         for name, w in zip(self.loss_type, weights, strict=True):
             if name == "sft":
                 chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, self.chosen.clamp(0, len(sums) - 1),
                                                                               True)
                 nll = _nll(sums, counts, chosen, self.num_nll_tokens)
-                loss = loss + w * nll
+                # TRL spreads the batch's NLL over the pairs, so WPO weighs it by the mean pair weight
+                term = nll if pw is None else nll * pw.sum() / self.pair_denominator(sums)
             else:
-                loss = loss + w * PAIR_LOSSES[name](p).sum() / self.pair_denominator(sums)
+                per_pair = PAIR_LOSSES[name](p)
+                term = (per_pair if pw is None else per_pair * pw).sum() / self.pair_denominator(sums)
+            loss = loss + w * term
         return loss, {"logps": sums, "chosen_rewards": self.beta * p.rc, "rejected_rewards": self.beta * p.rr,
                       "nll": nll}
 
 
-def sequence_scales(objective: PairObjective, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(S,) dL/dsums of ``objective`` at ``sums``, by autograd through its (S,) function (also
-    inside an autograd.Function's forward, where grad mode is off). For a pair-local objective the
-    entries of sequences whose groups are complete are final, whatever the other sums hold."""
+def sequence_scales(objective: PairObjective, sums: torch.Tensor, counts: torch.Tensor,
+                    stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(S,) dL/dsums of ``objective`` at ``sums`` (row statistics ``stats`` held fixed), by autograd
+    through its (S,) function (also inside an autograd.Function's forward, where grad mode is off).
+    For a pair-local objective the entries of sequences whose groups are complete are final,
+    whatever the other sums hold."""
     with torch.enable_grad():
         x = sums.detach().requires_grad_()
-        (g,) = torch.autograd.grad(objective.loss(x, counts)[0], x, allow_unused=True)
+        (g,) = torch.autograd.grad(objective.loss(x, counts, stats)[0], x, allow_unused=True)
     return torch.zeros_like(sums) if g is None else g
 
 
-def check_locality(objective: PairObjective, used: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
-                   rtol: float = 1e-5, atol: float = 1e-12) -> None:
+def check_locality(objective: PairObjective, used: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                   stats: dict[str, torch.Tensor] | None = None, *, rtol: float = 1e-5, atol: float = 1e-12) -> None:
     """Raise if the scales a chunked loop used (``used``, (S,)) are not the gradient of the whole
-    objective at the final ``sums``: the objective is not local to its pairs. One host sync."""
-    want = sequence_scales(objective, sums, counts)
+    objective at the final ``sums`` (and ``stats``): the objective is not local to its pairs. One host sync."""
+    want = sequence_scales(objective, sums, counts, stats)
     # A sequence without tokens is in no chunk and its scale is used nowhere.
     bad = ~torch.isclose(used, want, rtol=rtol, atol=atol) & ~(used.isnan() & want.isnan()) & (counts > 0)
     if bool(bad.any()):

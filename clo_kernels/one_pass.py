@@ -6,6 +6,7 @@ chunk holds whole pairs, its gradient is known while its logits are at hand:
 
     z          = h[chunk] @ W^T                 one product into a reused [chunk, V] buffer
     logp, lse  = row pass over z (+ b, softcap)  Triton row kernel on CUDA, PyTorch row blocks on the CPU
+                                                (and the row statistics asked for, in the same read)
     sums[s]   += logp over the chunk's tokens    the chunk's sequences are complete now
     g          = dL/dsums (autograd)[seq]        on the device, no host synchronisation
     z         := g * (onehot(y) - softmax) * softcap'      written over the logits
@@ -170,8 +171,9 @@ class _Loop:
     check: bool = False  # check_locality at the end (one host sync)
     output: CLOOutput | None = None
     scales: torch.Tensor | None = None  # (S,) the g_s the chunks used, with check
+    token_stats: torch.Tensor | None = None  # (len(opts.row_stats), N) row statistics, once token_logps has run
     _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
-    _final: tuple | None = None  # (sums, counts) at the end of the loop
+    _final: tuple | None = None  # (sums, counts, stats) at the end of the loop
 
     def token_logps(self) -> tuple[torch.Tensor, tuple]:
         batch, weight, opts = self.batch, self.weight, self.opts
@@ -192,6 +194,11 @@ class _Loop:
         buf = torch.empty((rows_max, V), dtype=buf_dtype, device=hidden.device)
         tok = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         sums = torch.zeros(batch.num_seqs, dtype=torch.float32, device=hidden.device)
+        names = opts.row_stats
+        if names:
+            self.token_stats = torch.zeros((len(names), N), dtype=torch.float32, device=hidden.device)
+            # the objective's scales may read its sequences' statistics: summed as the log-probs are
+            st_sums = torch.zeros((len(names), batch.num_seqs), dtype=torch.float32, device=hidden.device)
         if grads:
             counts = torch.zeros_like(sums).index_add_(0, seq, batch.valid.float())
             if self.check:
@@ -222,18 +229,22 @@ class _Loop:
             if ul is not None:
                 ul.read(z, y, bias)
             if in_place:
-                logp, lse, inv = rows_softmax_(z, y, bias=bias)
+                logp, lse, inv, st = rows_softmax_(z, y, bias=bias, stats=names)
             else:
-                logp, lse = fwd(z, y, bias=bias, softcap=opts.softcap)
+                logp, lse, st = fwd(z, y, bias=bias, softcap=opts.softcap, stats=names)
             if batch.bad_token is not None:
                 logp = torch.where(batch.bad_token[rows], float("nan"), logp)
             tok[rows] = logp
             sums.index_add_(0, s, logp)
+            if names:
+                self.token_stats[:, rows] = st
+                st_sums.index_add_(1, s, st)
             if ul is not None:
                 ul_sum += ul.value(lse, softcap=opts.softcap)
             if not grads:
                 continue
-            g = sequence_scales(self.objective, sums, counts)[s]  # final for the chunk's whole groups
+            stats = dict(zip(names, st_sums, strict=True)) if names else None
+            g = sequence_scales(self.objective, sums, counts, stats)[s]  # final for the chunk's whole groups
             if self.scales is not None:
                 self.scales[s] = g
             g_rows = g if ul is None else ul.scale(g)
@@ -265,7 +276,7 @@ class _Loop:
         if self.unlikelihood is not None:
             self._ul = ul_sum / ul_den
         if grads:
-            self._final = (sums, counts)
+            self._final = (sums, counts, dict(zip(names, st_sums, strict=True)) if names else None)
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
             if dw is None:
@@ -282,7 +293,9 @@ class _Loop:
         if self.check and self.scales is not None:
             check_locality(self.objective, self.scales, *self._final)
         with torch.no_grad():
-            self.output = self.objective.output(mask_token_logps(tok, self.batch), self.batch)
+            st = None if self.token_stats is None else mask_token_logps(self.token_stats, self.batch)
+            self.output = self.objective.output(mask_token_logps(tok, self.batch), self.batch, token_stats=st,
+                                                names=self.opts.row_stats)
             if self._ul is not None:
                 self.unlikelihood.add_to(self.output, self._ul)
         return grads
@@ -332,11 +345,14 @@ def clo_loss(batch: TokenBatch, weight, bias, objective: PairObjective, *, opts:
         return loop.output
     loss = _OnePassCLO.apply(hidden, weight, bias, loop)
     out = loop.output
-    return CLOOutput(loss=loss, logps=out.logps, metrics=out.metrics)
+    return CLOOutput(loss=loss, logps=out.logps, metrics=out.metrics, row_stats=out.row_stats)
 
 
-def forward_token_logps(batch: TokenBatch, weight, bias, *, opts: LogProbOptions, impl: str) -> torch.Tensor:
-    """(N,) fp32 token log-probs without gradients (0 at unlabelled tokens, before masking)."""
+def forward_token_logps(batch: TokenBatch, weight, bias, *, opts: LogProbOptions,
+                        impl: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) fp32 token log-probs without gradients and the (len(opts.row_stats), N) row statistics
+    or None (0 at unlabelled tokens, before masking)."""
     plan = plan_chunks(batch, None, None, max_rows=_max_rows(opts, impl, batch.hidden, weight.shape[0]))
-    return _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=None,
-                 need=(False, False, False)).token_logps()[0]
+    loop = _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=None,
+                 need=(False, False, False))
+    return loop.token_logps()[0], loop.token_stats

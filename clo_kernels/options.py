@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # Default size of the [chunk, V] logits buffer, per device type; measured in benchmarks/NOTES.md.
 DEFAULT_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 BACKWARDS = ("one_pass", "staged", "atomic")
+# No-grad statistics of each labelled token's softmax row u = softcap(z + b), p = softmax(u), read in the
+# same pass over the row as its logsumexp (TRL's names): entropy -sum p log p, mean_logits mean_v u_v,
+# is_top1 (1.0 where the label is the first argmax), log_sum_sq_probs log sum p^2 (WPO's weights).
+ROW_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,18 @@ class LogProbOptions:
     num_stages: int | None = None
     num_splits: int | None = None  # forward: vocabulary splits per token block (None = fill the GPU)
     group_m: int = 8  # backward: token blocks per group in the tile order (L2 reuse of weight tiles)
+    # Which ROW_STATS the row pass also returns, in ROW_STATS order (set by the public functions' row_stats=).
+    row_stats: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.backward not in BACKWARDS:
             raise ValueError(f"options.backward must be one of {BACKWARDS}, got {self.backward!r}")
         if self.chunk_bytes is not None and self.chunk_bytes < 1:
             raise ValueError(f"options.chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        stats = (self.row_stats,) if isinstance(self.row_stats, str) else tuple(self.row_stats)
+        if not set(stats) <= set(ROW_STATS):
+            raise ValueError(f"row_stats must be names from {ROW_STATS}, got {list(stats)}")
+        object.__setattr__(self, "row_stats", tuple(k for k in ROW_STATS if k in stats))
 
     def chunk_rows(self, V: int, element_size: int, device) -> int:
         """Tokens per [chunk, V] buffer of this many bytes per element (at least one)."""

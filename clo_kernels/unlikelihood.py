@@ -80,7 +80,7 @@ def unlikelihood_loss(
     _inputs.check_seq_tensor("mask", mask, num_seqs=batch.num_seqs, device=hidden.device, kind="bool")
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     batch = restrict(batch, mask, ignore_index=ignore_index)
-    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))
+    tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))[0]
     return from_token_logps(batch, weight, bias, tok, mask=None, softcap=softcap, ignore_index=ignore_index,
                             num_tokens=num_tokens)
 

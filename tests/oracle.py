@@ -95,3 +95,31 @@ def oracle_unlikelihood(hidden, weight, labels, *, mask=None, seq_ids=None, bias
                 total = total - torch.log1p(-logp[t, c].exp())
         count += len(ys)
     return total / (num_tokens if num_tokens is not None else max(count, 1))
+
+
+def oracle_row_stats(hidden, weight, labels, *, seq_ids=None, bias=None, softcap=None, shift=False,
+                     ignore_index=-100):
+    """Per-sequence sums over the labelled tokens of the row statistics, in float64, each from its
+    definition on the full softmax row p of u = softcap(h W^T + b): entropy -sum p log p, mean
+    logit sum u / V, is_top1 (the label is the smallest index holding max u), log sum p^2."""
+    W = weight.double()
+    out = {"entropy": [], "mean_logits": [], "is_top1": [], "log_sum_sq_probs": []}
+    for h, y in sequences(hidden.double(), labels, seq_ids):
+        if shift:
+            h, y = h[:-1], y[1:]
+        keep = y != ignore_index
+        z = h[keep] @ W.T
+        if bias is not None:
+            z = z + bias.double()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        p = torch.softmax(z, -1)
+        out["entropy"].append(-(p * p.log()).sum())
+        out["mean_logits"].append(z.mean(-1).sum())
+        at_max = z == z.max(-1, keepdim=True).values
+        first_max = [int(at_max[t].nonzero()[0, 0]) for t in range(z.shape[0])]
+        out["is_top1"].append(torch.tensor(float(sum(f == int(yt) for f, yt in zip(first_max, y[keep].tolist(),
+                                                                                     strict=True))),
+                                           dtype=torch.float64))
+        out["log_sum_sq_probs"].append((p * p).sum(-1).log().sum())
+    return {k: torch.stack(v) if v else torch.zeros(0, dtype=torch.float64) for k, v in out.items()}

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import clo_kernels as ck
     impl, backward, N, V, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    stats = ck.ROW_STATS if sys.argv[6] == "stats" else ()
     # [chunk, V] buffers of 32 MiB (an eighth to a sixteenth of one fp32 [N, V]); for Triton large
     # tiles too (the interpreter is slow per program).
     tiles = dict(block_m=128, block_v=1024, block_k=16) if impl == "triton" else {}
@@ -36,16 +37,17 @@ SCRIPT = textwrap.dedent("""
                              chosen=c, rejected=r, nll_mask=m, impl=impl, options=opts).loss.backward()
     h.grad = None; w.grad = None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = ck.fused_linear_clo_loss(h, w, y, seq_ids=seq, chosen=c, rejected=r, nll_mask=m, impl=impl, options=opts)
+    out = ck.fused_linear_clo_loss(h, w, y, seq_ids=seq, chosen=c, rejected=r, nll_mask=m, impl=impl, options=opts,
+                                   row_stats=stats)
     out.loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)
 """)
 
 
-def _peak_growth(impl: str, backward: str, N: int, V: int, D: int) -> int:
+def _peak_growth(impl: str, backward: str, N: int, V: int, D: int, stats: str = "") -> int:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT, impl, backward, str(N), str(V), str(D)], env=env,
+    res = subprocess.run([sys.executable, "-c", SCRIPT, impl, backward, str(N), str(V), str(D), stats], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return int(res.stdout.strip().splitlines()[-1])
@@ -53,8 +55,11 @@ def _peak_growth(impl: str, backward: str, N: int, V: int, D: int) -> int:
 
 # The Triton two-pass path's buffer is the same chunk_bytes rule as the torch one's (checked here)
 # and is measured on CUDA (test_gpu.py); interpreted at this size it would take 45 s of CI.
-CASES = [("torch", "one_pass", 8192, 32768, 32), ("torch", "staged", 8192, 32768, 32)] + (
-    [("triton", "one_pass", 4096, 32768, 16)] if HAVE_TRITON else [])
+# "stats": with every row statistic (options.ROW_STATS), which must add no [N, V] tensor either.
+CASES = [("torch", "one_pass", 8192, 32768, 32, ""), ("torch", "staged", 8192, 32768, 32, ""),
+         ("torch", "one_pass", 8192, 32768, 32, "stats"), ("torch", "staged", 8192, 32768, 32, "stats")] + (
+    [("triton", "one_pass", 4096, 32768, 16, ""), ("triton", "one_pass", 4096, 32768, 16, "stats")]
+    if HAVE_TRITON else [])
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,7 @@ def control_growth():
     """The naive path at the torch case's size: it builds several fp32 [N, V] tensors, so its
     peak must grow by more than one of them. Where peak RSS cannot be observed (seen in one
     GPU machine's sandbox, where it grew by 0) the memory tests are skipped, not passed."""
-    _, _, N, V, D = CASES[0]
+    _, _, N, V, D, _ = CASES[0]
     growth = _peak_growth("reference", "one_pass", N, V, D)
     if growth == 0:
         pytest.skip("peak RSS growth is not observable on this machine")
@@ -74,9 +79,9 @@ def test_control_reference_is_caught(control_growth):
     assert growth > one_nv, f"reference grew only {growth / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("impl,backward,N,V,D", CASES)
-def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, backward, N, V, D, control_growth):
+@pytest.mark.parametrize("impl,backward,N,V,D,stats", CASES)
+def test_fused_paths_do_not_allocate_tokens_x_vocab(impl, backward, N, V, D, stats, control_growth):
     nv_bytes = N * V * 4  # one fp32 [N, V] tensor: 1 GiB (torch case), 512 MiB (triton case)
     grads_bytes = (N + V) * D * 4 * 3  # gradients, fp32 accumulators, inputs' copies: a few MiB
-    growth = _peak_growth(impl, backward, N, V, D)
-    assert growth < nv_bytes // 4 + grads_bytes, f"{impl} {backward}: peak grew {growth / 2**20:.0f} MiB"
+    growth = _peak_growth(impl, backward, N, V, D, stats)
+    assert growth < nv_bytes // 4 + grads_bytes, f"{impl} {backward} {stats}: peak grew {growth / 2**20:.0f} MiB"

@@ -45,8 +45,8 @@ class _BatchScaled(ck.CLOObjective):
 
     pair_local = False
 
-    def loss(self, sums, counts):
-        loss, parts = super().loss(sums, counts)
+    def loss(self, sums, counts, stats=None):
+        loss, parts = super().loss(sums, counts, stats)
         return loss * (1.0 + (sums.sum() / 200.0) ** 2), parts
 
 
@@ -119,7 +119,7 @@ def test_the_scales_are_the_objectives_gradient(impl, device):
                     need=(True, True, False), check=True)
     with torch.no_grad():  # as inside the autograd.Function's forward
         loop.run()
-    sums, counts = loop._final
+    sums, counts, _ = loop._final
     x = sums.clone().requires_grad_()
     (want,) = torch.autograd.grad(obj.loss(x, counts)[0], x)
     assert loop.scales[5].isnan()  # the empty sequence is in no chunk

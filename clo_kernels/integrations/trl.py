@@ -13,11 +13,12 @@ does. The [tokens x vocab] logits are never built. The loss is DPOConfig's, as a
 (clo_kernels.objective.PreferenceObjective): every loss_type of TRL 1.16 with loss_weights,
 label_smoothing, discopop_tau and f_divergence_type, TRL's formulas and normalisation per
 micro-batch; aot and aot_unpaired rank the batch's pairs, so they take the exact two-pass path.
-Refused by name when the trainer is built, never replaced by a different loss: ld_alpha,
-use_weighting, padding_free, sync_ref_model. Logged under TRL's names:
-rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, num_tokens, and nll
-where there is an NLL term; not yet entropy, logits/{chosen,rejected} and mean_token_accuracy
-(row statistics of every logit, open in issue 24).
+use_weighting (WPO) reads each token's log sum p^2, a row statistic of the same pass over the
+logits (options.ROW_STATS). Refused by name when the trainer is built, never replaced by a
+different loss: ld_alpha, padding_free, sync_ref_model. Logged under TRL's names:
+rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, entropy,
+logits/{chosen,rejected}, mean_token_accuracy (from the row statistics: no logits kept),
+num_tokens, and nll where there is an NLL term.
 
 ``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
 TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
@@ -53,9 +54,10 @@ from . import hf
 log = logging.getLogger(__name__)
 
 # DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements (ld_alpha: per-token
-# weights; use_weighting: WPO's log sum p^2 row statistic; padding_free: packed pairs; all open in issue 24).
-_FIXED = {"ld_alpha": None, "use_weighting": False, "sync_ref_model": False, "padding_free": False,
-          "use_liger_kernel": False}
+# weights; padding_free: packed pairs; both open in issue 24).
+_FIXED = {"ld_alpha": None, "sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
+# The row statistics behind TRL's logged entropy, logits/* and mean_token_accuracy.
+_LOGGED_STATS = ("entropy", "mean_logits", "is_top1")
 
 
 def _preference_objective(args, **tensors) -> PreferenceObjective:
@@ -63,7 +65,8 @@ def _preference_objective(args, **tensors) -> PreferenceObjective:
     return PreferenceObjective(loss_type=tuple(args.loss_type), loss_weights=args.loss_weights, beta=args.beta,
                                label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
                                f_divergence_type=args.f_divergence_type,
-                               f_alpha_divergence_coef=args.f_alpha_divergence_coef, **tensors)
+                               f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                               use_weighting=args.use_weighting, **tensors)
 
 
 def _model_problems(model, args, processing_class, peft_config) -> list[str]:
@@ -231,20 +234,34 @@ class FusedDPOTrainer(DPOTrainer):
         def fn(hidden, weight, bias, softcap):
             return fused_linear_sequence_loss(
                 hidden, weight, labels, objective, bias=bias, softcap=softcap, shift=True,
-                unlikelihood=self._unlikelihood, unlikelihood_mask=ul_mask, impl=self._impl, options=self._options)
+                unlikelihood=self._unlikelihood, unlikelihood_mask=ul_mask, row_stats=_LOGGED_STATS,
+                impl=self._impl, options=self._options)
 
         out = self._head(model, inputs, fn)
         loss = out.loss
         has_nll = nll_mask is not None or "sft" in self.args.loss_type
-        self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=has_nll)
+        self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=has_nll,
+                          counts=(labels[:, 1:] != -100).sum(1).float())
         if return_outputs:  # TRL's deprecated path for compute_metrics: it also recomputes the logits
             with torch.no_grad():
                 return loss, model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return loss
 
-    def _log_metrics(self, mode, inputs, out, ref, chosen, rejected, *, nll: bool):
-        """TRL DPOTrainer's metrics, gathered over processes the way it gathers them."""
+    def _log_metrics(self, mode, inputs, out, ref, chosen, rejected, *, nll: bool, counts):
+        """TRL DPOTrainer's metrics, gathered over processes the way it gathers them; counts: (S,)
+        labelled tokens per sequence."""
         gather, metrics = self.accelerator.gather, self._metrics[mode]
+        stats, total = out.row_stats, self.accelerator.gather_for_metrics
+        in_c = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, chosen, True)
+        in_r = torch.zeros_like(counts, dtype=torch.bool).index_fill_(0, rejected, True)
+        # Token-weighted means over every process's tokens, 0 without tokens (as TRL logs them).
+        for name, values, mask in (("entropy", stats["entropy"], None), ("logits/chosen", stats["mean_logits"], in_c),
+                                   ("logits/rejected", stats["mean_logits"], in_r),
+                                   ("mean_token_accuracy", stats["is_top1"], in_c)):
+            part = torch.stack([values.sum(), counts.sum()]) if mask is None else \
+                torch.stack([values[mask].sum(), counts[mask].sum()])
+            num, den = total(part.reshape(1, 2)).sum(0).tolist()
+            metrics[name].append(num / den if den > 0 else 0.0)
         logps = out.logps
         c_rewards, r_rewards = self.beta * (logps[chosen] - ref[chosen]), self.beta * (logps[rejected] - ref[rejected])
         for name, value in (("rewards/chosen", c_rewards), ("rewards/rejected", r_rewards),
@@ -303,7 +320,8 @@ class CLOTrainer(FusedDPOTrainer):
     (x_tgt: y_tgt > y_en), one micro-batch of Q quads = 4Q sequences; the reference precomputed
     (precompute_ref_log_probs) or on the fly, as in FusedDPOTrainer."""
 
-    _FIXED = {**_FIXED, "loss_type": ["sigmoid"], "f_divergence_type": "reverse_kl", "label_smoothing": 0.0}
+    _FIXED = {**_FIXED, "loss_type": ["sigmoid"], "f_divergence_type": "reverse_kl", "label_smoothing": 0.0,
+              "use_weighting": False}
     _tag_names = ["trl", "clo", "clo-kernels"]
 
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
