@@ -57,21 +57,31 @@ def _rows(z, bias, s, e, softcap):
     return u, capped(u, softcap)
 
 
-def row_stats(w: torch.Tensor, e: torch.Tensor, total: torch.Tensor, m: torch.Tensor, labels: torch.Tensor,
-              names: tuple[str, ...]) -> torch.Tensor:
-    """(len(names), n) fp32 ROW_STATS (clo_kernels.options) of rows u = w + m, from w, e = exp(w) and
-    total = sum_v e (so p = e / total); m (n,) the rows' maxima."""
-    out = []
-    for name in names:
-        if name == "entropy":  # log total - sum p w; where(): an -inf logit has p w = 0, not NaN
-            out.append(total.log() - torch.where(e > 0, e * w, 0.0).sum(1) / total)
-        elif name == "mean_logits":
-            out.append(w.mean(1) + m)
-        elif name == "is_top1":  # argmax takes the first maximum, so a tie with an earlier token is no hit
-            out.append((w.argmax(1) == labels).float())
-        else:  # log_sum_sq_probs
-            out.append((e * e).sum(1).log() - 2.0 * total.log())
-    return torch.stack(out)
+def row_stats(w: torch.Tensor, e: torch.Tensor, total: torch.Tensor, m: torch.Tensor, first: torch.Tensor | None,
+              labels: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """(len(names), n) fp32 ROW_STATS (clo_kernels.options) of rows u = w + m, from w, e = exp(w),
+    total = sum_v e (so p = e / total), m (n,) the rows' maxima and ``first`` (n,) the index of
+    each row's first maximum (for is_top1). w is the caller's scratch: its -inf entries are
+    clamped in place, last, so that they add e w = 0 to the entropy instead of NaN."""
+    out = {}
+    if "mean_logits" in names:
+        out["mean_logits"] = w.mean(1) + m
+    if "is_top1" in names:
+        out["is_top1"] = (first == labels).float()
+    if "log_sum_sq_probs" in names:
+        out["log_sum_sq_probs"] = torch.linalg.vecdot(e, e).log() - 2.0 * total.log()
+    if "entropy" in names:  # -sum p log p = log total - sum e w / total
+        out["entropy"] = total.log() - torch.linalg.vecdot(e, w.clamp_min_(torch.finfo(w.dtype).min)) / total
+    return torch.stack([out[k] for k in names])
+
+
+def _row_max(u: torch.Tensor, stats: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """((n, 1) row maxima, (n,) index of each row's first maximum where is_top1 is asked, else None):
+    one pass either way (torch.max(dim) returns the first maximum's index)."""
+    if "is_top1" in stats:
+        m, first = u.max(dim=1, keepdim=True)
+        return m, first.squeeze(1)
+    return u.amax(dim=1, keepdim=True), None
 
 
 def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, bias, softcap,
@@ -85,12 +95,13 @@ def rows_forward(z: torch.Tensor, labels: torch.Tensor, *, bias, softcap,
     for s, e in _blocks(n, V):
         _, (c, _) = _rows(z, bias, s, e, softcap)
         if stats:
-            m = c.amax(dim=1)
-            w = c - m[:, None]
+            m, first = _row_max(c, stats)
+            w = c - m
             ex = w.exp()
             total = ex.sum(1)
+            m = m.squeeze(1)
             lse[s:e] = m + total.log()
-            st[:, s:e] = row_stats(w, ex, total, m, labels[s:e], stats)
+            st[:, s:e] = row_stats(w, ex, total, m, first, labels[s:e], stats)
         else:
             lse[s:e] = logsumexp(c)
         logp[s:e] = c.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
@@ -133,13 +144,13 @@ def rows_softmax_(z: torch.Tensor, labels: torch.Tensor, *, bias,
         u = z[s:e]
         if bias is not None:
             u.add_(bias)
-        m = u.amax(dim=1, keepdim=True)
+        m, first = _row_max(u, stats)
         tgt = u.gather(1, labels[s:e, None]).squeeze(1)
         w = u.sub_(m)
         if stats:  # w is still needed: exp into a block-sized temporary, then over the rows
             ex = w.exp()
             total = ex.sum(dim=1)
-            st[:, s:e] = row_stats(w, ex, total, m.squeeze(1), labels[s:e], stats)
+            st[:, s:e] = row_stats(w, ex, total, m.squeeze(1), first, labels[s:e], stats)
             w.copy_(ex)
         else:
             total = w.exp_().sum(dim=1)

@@ -138,11 +138,10 @@ def _fwd_kernel(
             alpha = tl.exp(m_i - m_new)
             e = tl.exp(z - m_new[:, None])
             l_i = l_i * alpha + tl.sum(e, axis=1)
-            if STATS:
-                z0 = tl.where(v_mask[None, :], z, 0.0)  # 0 * -inf would be NaN
-                x_i = x_i * alpha + tl.sum(tl.where(e > 0, e * z0, 0.0), axis=1)
+            if STATS:  # where(e > 0): a -inf logit (masked vocabulary, padding) adds 0 to sum e z, not NaN
+                x_i = x_i * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
                 q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
-                s_i += tl.sum(z0, axis=1)
+                s_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
                 mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
             m_i = m_new
         out = pid_s * stride_part + rows

@@ -114,7 +114,7 @@ def oracle_row_stats(hidden, weight, labels, *, seq_ids=None, bias=None, softcap
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
         p = torch.softmax(z, -1)
-        out["entropy"].append(-(p * p.log()).sum())
+        out["entropy"].append(torch.where(p > 0, -p * p.log(), 0.0).sum())  # 0 log 0 = 0: a masked entry
         out["mean_logits"].append(z.mean(-1).sum())
         at_max = z == z.max(-1, keepdim=True).values
         first_max = [int(at_max[t].nonzero()[0, 0]) for t in range(z.shape[0])]

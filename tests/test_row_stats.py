@@ -86,6 +86,23 @@ def test_row_stats_without_gradients_and_of_a_strided_view(impl, device):
     _assert_stats(out.row_stats, want, names)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_row_stats_of_a_masked_vocabulary(variant, device):
+    """A bias of -inf (vocabulary entries masked out) adds nothing to the entropy, not NaN."""
+    b = make_case(device=device, bias=True, seed=9)
+    with torch.no_grad():
+        b["bias"][::7] = float("-inf")
+    out = ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], shift=True, row_stats=ck.ROW_STATS,
+                                   **_args(b), **impl_kwargs(variant))
+    want = oracle_row_stats(b["hidden"].detach().cpu(), b["weight"].detach().cpu(), b["labels"].cpu(), shift=True,
+                            bias=b["bias"].detach().cpu())
+    assert torch.isfinite(want["entropy"]).all()
+    _assert_stats({k: v for k, v in out.row_stats.items() if k != "mean_logits"},
+                  want, ("entropy", "is_top1", "log_sum_sq_probs"))
+    has_tokens = (b["labels"][:, 1:] != -100).any(1)
+    assert (out.row_stats["mean_logits"][has_tokens] == float("-inf")).all()
+
+
 @pytest.mark.parametrize("impl", impls())
 def test_is_top1_counts_only_the_first_of_tied_maxima(impl, device):
     D, V = 16, 40
