@@ -96,7 +96,7 @@ def run(trainer_name: str, args) -> dict:
                     max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
                     bf16=args.device == "cuda", seed=0, disable_tqdm=True, loss_type=args.loss_type,
-                    f_divergence_type=args.f_divergence_type)
+                    f_divergence_type=args.f_divergence_type, use_weighting=args.use_weighting)
     cls = FusedDPOTrainer if trainer_name == "fused" else DPOTrainer
     clock = Clock()
     trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
@@ -124,6 +124,7 @@ def in_subprocess(trainer_name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
            "--out", args.out, "--loss-type", *args.loss_type, "--f-divergence-type", args.f_divergence_type] + (
+               ["--use-weighting"] if args.use_weighting else []) + (
         ["--tokenizer", args.tokenizer] if args.tokenizer else [])
     result, proc = run_child(cmd)
     if result is None:
@@ -154,7 +155,8 @@ def markdown(rows, meta) -> str:
     lines = [f"One TRL DPO step, {meta['arch']} shapes, {meta['device']} ({meta['gpu'] or meta['machine']}, "
              f"{meta['cpus']} CPUs), {meta['pairs']} pairs x <= {meta['max_length']} tokens, full fine-tuning, "
              f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, loss_type {meta['loss_type']} "
-             f"({meta['f_divergence_type']}), {meta['date']}, commit {str(meta['commit'])[:7]}, "
+             f"({meta['f_divergence_type']}{', WPO weights' if meta.get('use_weighting') else ''}), "
+             f"{meta['date']}, commit {str(meta['commit'])[:7]}, "
              f"median of {meta['steps']} steps x {meta['rounds']} interleaved runs", "",
              f"| trainer | tokens/s | step s | {mem} |", "|---|---|---|---|" + ("---|" if cpu else "")]
     for r in rows:
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "bench_trl"))
     p.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="DPOConfig.loss_type (one or more)")
     p.add_argument("--f-divergence-type", default="reverse_kl", help="DPOConfig.f_divergence_type")
+    p.add_argument("--use-weighting", action="store_true", help="DPOConfig.use_weighting (WPO)")
     p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
             runs.append(in_subprocess(name, args))
             print(json.dumps(runs[-1]), flush=True)
     rows = summarise(runs)
-    keys = ("arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type")
+    keys = ("arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type",
+            "use_weighting")
     meta = {**{k: getattr(args, k) for k in keys},
             "torch": torch.__version__, **dist_versions("trl", "transformers"), **machine_meta(args.device),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
