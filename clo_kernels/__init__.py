@@ -9,7 +9,16 @@ Importing this package needs only torch: Triton is loaded on the first impl="tri
 
 from .from_logits import clo_loss_from_logits
 from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
-from .objective import LOSS_TYPES, CLOObjective, CLOOutput, PairObjective, PreferenceObjective
+from .objective import (
+    LOSS_TYPES,
+    CLOObjective,
+    CLOOutput,
+    CPOObjective,
+    ORPOObjective,
+    PairObjective,
+    PreferenceObjective,
+    ld_token_weights,
+)
 from .options import ROW_STATS, LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
 from .unlikelihood import unlikelihood_loss
@@ -19,10 +28,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CLOObjective",
     "CLOOutput",
+    "CPOObjective",
     "FusedLinearCLOLoss",
     "LAYOUTS",
     "LOSS_TYPES",
     "LogProbOptions",
+    "ORPOObjective",
     "PairObjective",
     "PreferenceObjective",
     "QUAD_SEQUENCES",
@@ -31,6 +42,7 @@ __all__ = [
     "clo_loss_from_logits",
     "fused_linear_clo_loss",
     "fused_linear_sequence_loss",
+    "ld_token_weights",
     "quad_pairs",
     "sequence_logps",
     "unlikelihood_loss",

@@ -32,6 +32,9 @@ class TokenBatch:
     # validate=False only: (N,) bool, label outside [0, V) (not ignore_index) or seq_id outside [0, S).
     # Such tokens get a NaN log-prob and poison the loss; their seq_ids are clamped in range.
     bad_token: torch.Tensor | None
+    # (N,) fp32 weights of the tokens' log-probs in their sequence's sum (token_weights=), shifted with
+    # the labels; None: all 1. The token log-probs themselves stay unweighted.
+    weights: torch.Tensor | None = None
 
 
 class HeadTensors(NamedTuple):
@@ -155,8 +158,10 @@ def prepare_batch(
     shift: bool,
     ignore_index: int,
     validate: bool,
+    token_weights: torch.Tensor | None = None,
 ) -> TokenBatch:
-    """Flatten hidden (S, T, D) or packed (N, D) (or logits, D = V) to the token layout.
+    """Flatten hidden (S, T, D) or packed (N, D) (or logits, D = V) to the token layout;
+    token_weights, shaped as labels, go with them (shifted as they are).
 
     The caller has checked hidden's dtype and its agreement with the head."""
     device = hidden.device
@@ -168,11 +173,15 @@ def prepare_batch(
         if num_seqs is not None:
             _require(num_seqs == S, ValueError, f"num_seqs={num_seqs} but hidden holds S={S} sequences")
         labels = labels.long()
+        weights = _check_weights(token_weights, (S, T), device)
         if shift:
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+            if weights is not None:
+                weights = torch.nn.functional.pad(weights[:, 1:], (0, 1), value=0.0)
         seq = torch.arange(S, device=device).repeat_interleave(T)
         h2 = hidden.reshape(S * T, D)
         labels = labels.reshape(-1)
+        weights = None if weights is None else weights.reshape(-1)
     elif hidden.dim() == 2:
         N = hidden.shape[0]
         _check_index("labels", labels, (N,), device)
@@ -181,6 +190,7 @@ def prepare_batch(
         _check_index("seq_ids", seq_ids, (N,), device)
         seq = seq_ids.long()
         labels = labels.long()
+        weights = _check_weights(token_weights, (N,), device)
         if shift:
             # hidden[n] predicts labels[n + 1] only while token n + 1 belongs to the same sequence.
             same = torch.zeros(N, dtype=torch.bool, device=device)
@@ -188,6 +198,8 @@ def prepare_batch(
                 same[:-1] = seq[1:] == seq[:-1]
             nxt = torch.nn.functional.pad(labels[1:], (0, 1), value=ignore_index)
             labels = torch.where(same, nxt, torch.full_like(nxt, ignore_index))
+            if weights is not None:
+                weights = torch.nn.functional.pad(weights[1:], (0, 1), value=0.0)
         if num_seqs is None:
             # One host sync; pass num_seqs (or nll_mask / ref_logps, which imply it) to avoid it.
             num_seqs = int(seq.max().item()) + 1 if N else 0
@@ -220,7 +232,20 @@ def prepare_batch(
         if seq_ids is not None:
             bad_token = bad_token | (seq < 0) | (seq >= S)
             seq = seq.clamp(0, max(S - 1, 0))
-    return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_token=bad_token)
+    return TokenBatch(hidden=h2, labels=labels, seq_ids=seq, num_seqs=S, valid=valid, bad_token=bad_token,
+                      weights=None if weights is None else weights.contiguous())
+
+
+def _check_weights(w: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """token_weights as (shape) fp32 on device, checked; None stays None."""
+    if w is None:
+        return None
+    _require(isinstance(w, torch.Tensor), TypeError, "token_weights must be a torch.Tensor or None")
+    _require(tuple(w.shape) == shape, ValueError,
+             f"token_weights must have the labels' shape {shape}, got {tuple(w.shape)}")
+    _require(w.is_floating_point(), TypeError, f"token_weights must be floating, got {w.dtype}")
+    _require(w.device == device, ValueError, f"token_weights is on {w.device}, expected {device}")
+    return w.detach().float()
 
 
 def mask_token_logps(out: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
@@ -279,6 +304,10 @@ def check_scalars(*, beta: float, nll_weight: float, softcap: float | None) -> N
 def check_unlikelihood(weight: float) -> None:
     _require(math.isfinite(float(weight)) and float(weight) >= 0, ValueError,
              f"unlikelihood must be a finite weight >= 0, got {weight}")
+
+
+def check_ld_alpha(alpha: float) -> None:
+    _require(0.0 <= float(alpha) <= 1.0, ValueError, f"ld_alpha must lie in [0, 1], got {alpha}")
 
 
 def check_softcap(softcap: float | None) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _inputs
-from .objective import CLOObjective, CLOOutput, PairObjective, sequence_means, sequence_sums
+from .objective import CLOObjective, CLOOutput, PairObjective, batch_sums, sequence_means
 from .options import LogProbOptions
 
 
@@ -48,7 +48,7 @@ def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: floa
 
 
 def prepare_loss_batch(hidden, labels, objective: PairObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
-                       ignore_index, impl, validate) -> _inputs.TokenBatch:
+                       ignore_index, impl, validate, token_weights=None) -> _inputs.TokenBatch:
     """Every check of a loss call (hidden may be logits, D = V; the objective checked its own
     scalars when it was built), then the token layout."""
     _inputs.check_impl(impl)
@@ -59,7 +59,8 @@ def prepare_loss_batch(hidden, labels, objective: PairObjective, *, vocab_size, 
     if num_seqs is None:
         num_seqs = _inputs.infer_num_seqs(hidden, *objective.sequence_tensors())
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=vocab_size, seq_ids=seq_ids, num_seqs=num_seqs,
-                                  shift=shift, ignore_index=ignore_index, validate=validate)
+                                  shift=shift, ignore_index=ignore_index, validate=validate,
+                                  token_weights=token_weights)
     objective.check(num_seqs=batch.num_seqs, device=hidden.device, validate=validate)
     return batch
 
@@ -77,6 +78,7 @@ def sequence_logps(
     shift: bool = False,
     ignore_index: int = -100,
     average: bool = False,
+    token_weights: torch.Tensor | None = None,
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
@@ -90,6 +92,8 @@ def sequence_logps(
         shift: hidden[..., t, :] predicts labels[..., t + 1] (Hugging Face labels).
         num_seqs: S for packed input (default: seq_ids.max() + 1, one host sync).
         average: divide each sum by its token count (0 for a sequence without tokens).
+        token_weights: shaped as labels, each token's weight in its sequence's sum (default 1),
+            e.g. ``ld_token_weights``'s; no gradient flows to them.
 
     Returns:
         (S,) fp32 ``logp[s] = sum_t log_softmax(softcap(h_t W^T + b))[y_t]``, differentiable
@@ -99,10 +103,11 @@ def sequence_logps(
     _inputs.check_softcap(softcap)
     _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
-                                  shift=shift, ignore_index=ignore_index, validate=validate)
+                                  shift=shift, ignore_index=ignore_index, validate=validate,
+                                  token_weights=token_weights)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))[0]
-    sums, counts = sequence_sums(tok, batch.seq_ids, batch.valid, batch.num_seqs)
+    sums, counts = batch_sums(tok, batch)
     return sequence_means(sums, counts) if average else sums
 
 
@@ -200,6 +205,7 @@ def fused_linear_sequence_loss(
     unlikelihood_mask: torch.Tensor | None = None,
     num_unlikelihood_tokens: int | float | torch.Tensor | None = None,
     row_stats: tuple[str, ...] = (),
+    token_weights: torch.Tensor | None = None,
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
@@ -216,11 +222,14 @@ def fused_linear_sequence_loss(
     row_stats: names from ROW_STATS (entropy, mean_logits, is_top1, log_sum_sq_probs), read in the
     same pass over each logit row as its logsumexp, no gradient; the output's ``row_stats`` holds
     their (S,) sums per sequence. Those the objective reads (``objective.row_stats``) are added.
+
+    token_weights: shaped as labels, each token's weight in its sequence's sum (the objective's
+    ``sums``; default 1), e.g. LD-DPO's (``ld_token_weights``); the token counts stay counts.
     """
     _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = prepare_loss_batch(hidden, labels, objective, vocab_size=weight.shape[0], seq_ids=seq_ids,
                                num_seqs=num_seqs, softcap=softcap, shift=shift, ignore_index=ignore_index, impl=impl,
-                               validate=validate)
+                               validate=validate, token_weights=token_weights)
     term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
                               ignore_index=ignore_index)
     opts = _options(options, ignore_index=ignore_index, softcap=softcap,

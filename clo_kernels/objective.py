@@ -47,6 +47,12 @@ def sequence_sums(token_logps, seq_ids, valid, num_seqs):
     return sums, counts
 
 
+def batch_sums(token_logps: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_sums of batch's (N,) token log-probs, each times its token weight (batch.weights)."""
+    weighted = token_logps if batch.weights is None else token_logps * batch.weights
+    return sequence_sums(weighted, batch.seq_ids, batch.valid, batch.num_seqs)
+
+
 def stat_sums(token_stats: torch.Tensor | None, names: tuple[str, ...], seq_ids, num_seqs) -> dict[str, torch.Tensor]:
     """name -> (S,) per-sequence sums of (len(names), N) token row statistics (0 at unlabelled tokens)."""
     if token_stats is None:
@@ -140,7 +146,7 @@ class PairObjective:
                names: tuple[str, ...] = ()) -> CLOOutput:
         """The loss, sequence log-probs and metrics from (N,) token log-probs laid out as ``batch``
         (differentiable in token_logps), and the (len(names), N) row statistics ``names`` summed per sequence."""
-        sums, counts = sequence_sums(token_logps, batch.seq_ids, batch.valid, batch.num_seqs)
+        sums, counts = batch_sums(token_logps, batch)
         stats = stat_sums(token_stats, names, batch.seq_ids, batch.num_seqs)
         loss, parts = self.loss(sums, counts, stats)
         if batch.bad_token is not None:  # validate=False: an out-of-range token poisons the whole loss
@@ -367,6 +373,125 @@ class PreferenceObjective(PairObjective):
             loss = loss + w * term
         return loss, {"logps": sums, "chosen_rewards": self.beta * p.rc, "rejected_rewards": self.beta * p.rr,
                       "nll": nll}
+
+
+# ----------------------------------------------------------------------------- reference-free losses
+#
+# TRL 1.16's experimental CPOTrainer (CPO, SimPO, AlphaPO) and ORPOTrainer: the policy's sequence
+# log-probs alone, each pair's loss averaged over the pairs, plus an NLL of the chosen responses'
+# tokens (mean over them). All pair-local: the one-pass engine runs them.
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -log 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class _ReferenceFree(PairObjective):
+    """What CPO and ORPO share: no reference, an NLL of the chosen responses, rewards beta * r."""
+
+    beta: float = 0.1
+    num_nll_tokens: int | float | torch.Tensor | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ref_logps is not None:
+            raise ValueError(f"{type(self).__name__} is reference-free: ref_logps must be None")
+        _inputs.check_scalars(beta=self.beta, nll_weight=0.0, softcap=None)
+        _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
+
+    def _chosen_nll(self, sums, counts):
+        chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, self.chosen.clamp(0, len(sums) - 1), True)
+        return _nll(sums, counts, chosen, self.num_nll_tokens)
+
+    def _parts(self, logps, rewards, nll):
+        return {"logps": logps, "chosen_rewards": self.beta * _pick(rewards, self.chosen),
+                "rejected_rewards": self.beta * _pick(rewards, self.rejected), "nll": nll}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class CPOObjective(_ReferenceFree):
+    """CPO (Xu et al., 2024) and its relatives as TRL's CPOTrainer computes them, per pair with
+    x = r_chosen - r_rejected of the policy's log-probs r (means for ipo and simpo, sums otherwise;
+    AlphaPO's r = (1 - exp(-alpha r)) / alpha when alpha != 0):
+
+        sigmoid: -logsigmoid(beta x) (1 - eps) - logsigmoid(-beta x) eps      (eps = label_smoothing)
+        simpo:   the same with x - simpo_gamma / beta      (SimPO itself: cpo_alpha=0, as TRL's CPOConfig sets it)
+        hinge:   relu(1 - beta x)          ipo: (x - 1 / (2 beta))^2
+
+    loss = mean over pairs (or / num_pairs) + cpo_alpha * NLL of the chosen responses' tokens."""
+
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in CPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if not math.isfinite(self.cpo_alpha) or not math.isfinite(self.alpha):
+            raise ValueError(f"cpo_alpha and alpha must be finite, got {self.cpo_alpha} and {self.alpha}")
+
+    def loss(self, sums, counts, stats=None):
+        logps = sequence_means(sums, counts) if self.loss_type in ("ipo", "simpo") else sums
+        r = logps if self.alpha == 0.0 else (1.0 - torch.exp(-self.alpha * logps)) / self.alpha
+        x = _pick(r, self.chosen) - _pick(r, self.rejected)
+        if self.loss_type == "simpo":
+            x = x - self.simpo_gamma / self.beta
+        if self.loss_type == "hinge":
+            per = torch.relu(1 - self.beta * x)
+        elif self.loss_type == "ipo":
+            per = (x - 1 / (2 * self.beta)) ** 2
+        else:
+            per = _smoothed(self.beta * x, self.label_smoothing)
+        loss = per.sum() / self.pair_denominator(sums)
+        nll = self._chosen_nll(sums, counts)
+        if self.cpo_alpha != 0.0:
+            loss = loss + self.cpo_alpha * nll
+        return loss, self._parts(logps, r, nll)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class ORPOObjective(_ReferenceFree):
+    """ORPO (Hong et al., 2024) as TRL's ORPOTrainer computes it, on the mean log-probs m:
+
+        log_odds = (m_c - m_r) - (log(1 - e^{m_c}) - log(1 - e^{m_r}))
+        loss     = NLL of the chosen responses' tokens - beta * mean over pairs of logsigmoid(log_odds)"""
+
+    def loss(self, sums, counts, stats=None):
+        m = sequence_means(sums, counts)
+        mc, mr = _pick(m, self.chosen), _pick(m, self.rejected)
+        log_odds = (mc - mr) - (_log1mexp(mc) - _log1mexp(mr))
+        nll = self._chosen_nll(sums, counts)
+        loss = nll - self.beta * F.logsigmoid(log_odds).sum() / self.pair_denominator(sums)
+        return loss, self._parts(m, m, nll)
+
+
+def ld_token_weights(labels: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *, alpha: float,
+                     shift: bool = False, ignore_index: int = -100) -> torch.Tensor:
+    """LD-DPO's token weights (Liu et al., 2024; TRL's ld_alpha) for padded labels (S, T): 1 on the
+    first min(n_chosen, n_rejected) labelled tokens of each sequence of a pair, alpha past them, so
+    that the longer response's extra length counts alpha-fold in its log-prob. A sequence in no pair
+    keeps weight 1; one in several pairs takes the shortest shared length. For ``token_weights=``."""
+    _inputs.check_ld_alpha(alpha)
+    if labels.dim() != 2:
+        raise ValueError(f"ld_token_weights takes padded labels (S, T), got shape {tuple(labels.shape)}")
+    _inputs.check_pairs(chosen, rejected, num_seqs=labels.shape[0], device=labels.device, validate=True)
+    used = labels != ignore_index
+    if shift:  # the first position's label is never predicted
+        used[:, 0] = False
+    rank = used.cumsum(1)
+    n = used.sum(1)
+    pair_n = torch.minimum(n[chosen], n[rejected])
+    shared = n.clone().scatter_reduce_(0, torch.cat([chosen, rejected]), torch.cat([pair_n, pair_n]), "amin")
+    return torch.where(rank <= shared[:, None], 1.0, float(alpha))
 
 
 def sequence_scales(objective: PairObjective, sums: torch.Tensor, counts: torch.Tensor,

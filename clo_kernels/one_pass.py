@@ -7,8 +7,8 @@ chunk holds whole pairs, its gradient is known while its logits are at hand:
     z          = h[chunk] @ W^T                 one product into a reused [chunk, V] buffer
     logp, lse  = row pass over z (+ b, softcap)  Triton row kernel on CUDA, PyTorch row blocks on the CPU
                                                 (and the row statistics asked for, in the same read)
-    sums[s]   += logp over the chunk's tokens    the chunk's sequences are complete now
-    g          = dL/dsums (autograd)[seq]        on the device, no host synchronisation
+    sums[s]   += w * logp over the chunk's tokens    the chunk's sequences are complete now (w: token_weights, 1)
+    g          = w * dL/dsums (autograd)[seq]    on the device, no host synchronisation
     z         := g * (onehot(y) - softmax) * softcap'      written over the logits
     dh[chunk]  = z @ W        dW += z^T @ h[chunk] (fp32)        db += sum_t z_t
 
@@ -235,7 +235,8 @@ class _Loop:
             if batch.bad_token is not None:
                 logp = torch.where(batch.bad_token[rows], float("nan"), logp)
             tok[rows] = logp
-            sums.index_add_(0, s, logp)
+            w_rows = None if batch.weights is None else batch.weights[rows]  # token_weights: in the sums only
+            sums.index_add_(0, s, logp if w_rows is None else logp * w_rows)
             if names:
                 self.token_stats[:, rows] = st
                 st_sums.index_add_(1, s, st)
@@ -247,6 +248,8 @@ class _Loop:
             g = sequence_scales(self.objective, sums, counts, stats)[s]  # final for the chunk's whole groups
             if self.scales is not None:
                 self.scales[s] = g
+            if w_rows is not None:  # d sums[s] / d logp_t = w_t
+                g = g * w_rows
             g_rows = g if ul is None else ul.scale(g)
             sc = None
             if scaled:  # dL/dz is linear in (g, the term's a): scaling g_rows and the term's parts scales it

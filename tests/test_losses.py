@@ -178,3 +178,106 @@ def test_bad_options_are_named(options, named):
 
 def test_only_aot_types_leave_the_one_pass_path():
     assert [t for t in ck.LOSS_TYPES if not _objective(t, None, 0.1).pair_local] == ["aot", "aot_unpaired"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference-free losses of TRL 1.16's experimental CPOTrainer and ORPOTrainer
+
+
+def trl_cpo(loss_type, *, sums, counts, beta, eps=0.0, gamma=0.5, cpo_alpha=1.0, alpha=0.0):
+    """CPOTrainer.cpo_loss + cpo_alpha * nll_loss, transcribed in float64 (means for ipo and simpo)."""
+    lp = sums / counts if loss_type in ("ipo", "simpo") else sums
+    c, r = lp[:P], lp[P:]
+    if alpha != 0.0:
+        c, r = (1 - torch.exp(c).pow(-alpha)) / alpha, (1 - torch.exp(r).pow(-alpha)) / alpha
+    logits = c - r
+    if loss_type == "simpo":
+        logits = logits - gamma / beta
+    if loss_type in ("simpo", "sigmoid"):
+        per = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    elif loss_type == "hinge":
+        per = torch.relu(1 - beta * logits)
+    else:
+        per = (logits - 1 / (2 * beta)) ** 2
+    nll = -sums[:P].sum() / counts[:P].sum()
+    return per.mean() + cpo_alpha * nll
+
+
+def trl_orpo(*, sums, counts, beta):
+    """ORPOTrainer: nll_loss - mean(beta * logsigmoid(log odds ratio)), transcribed in float64."""
+    m = sums / counts
+    mc, mr = m[:P], m[P:]
+
+    def log1mexp(x):
+        return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+    log_odds = (mc - mr) - (log1mexp(mc) - log1mexp(mr))
+    return -sums[:P].sum() / counts[:P].sum() - (beta * F.logsigmoid(log_odds)).mean()
+
+
+REF_FREE = {
+    "cpo sigmoid": (dict(loss_type="sigmoid", beta=0.1), dict(loss_type="sigmoid", beta=0.1)),
+    "cpo smoothed, alphapo": (dict(loss_type="sigmoid", beta=0.2, label_smoothing=0.1, alpha=0.3),
+                              dict(loss_type="sigmoid", beta=0.2, eps=0.1, alpha=0.3)),
+    "simpo": (dict(loss_type="simpo", beta=2.0, simpo_gamma=0.8, cpo_alpha=0.0),
+              dict(loss_type="simpo", beta=2.0, gamma=0.8, cpo_alpha=0.0)),
+    "cpo hinge": (dict(loss_type="hinge", beta=0.1, cpo_alpha=0.5), dict(loss_type="hinge", beta=0.1, cpo_alpha=0.5)),
+    "cpo ipo": (dict(loss_type="ipo", beta=0.3), dict(loss_type="ipo", beta=0.3)),
+    "orpo": (dict(beta=0.2), dict(beta=0.2)),
+}
+
+
+def _ref_free(case, device="cpu"):
+    ours, _ = REF_FREE[case]
+    cls = ck.ORPOObjective if case == "orpo" else ck.CPOObjective
+    return cls(chosen=CHOSEN.to(device), rejected=REJECTED.to(device), **ours)
+
+
+def _ref_free_formula(case, sums, counts):
+    _, theirs = REF_FREE[case]
+    return (trl_orpo if case == "orpo" else trl_cpo)(sums=sums, counts=counts, **theirs)
+
+
+@pytest.mark.parametrize("case", list(REF_FREE))
+def test_reference_free_objectives_are_trls_formulas(case):
+    g = torch.Generator().manual_seed(len(case))
+    counts = torch.randint(3, 30, (2 * P,), generator=g).double()
+    sums = (-torch.rand(2 * P, generator=g, dtype=torch.float64) * counts * 2).requires_grad_()
+    got, parts = _ref_free(case).loss(sums, counts)
+    want = _ref_free_formula(case, sums, counts)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, sums)[0], torch.autograd.grad(want, sums)[0], rtol=1e-10,
+                               atol=1e-14)
+    assert torch.isfinite(parts["nll"])
+
+
+@pytest.mark.parametrize("variant", FUSED)
+@pytest.mark.parametrize("case", list(REF_FREE))
+def test_reference_free_losses_through_the_fused_paths(case, variant, device):
+    b = make_case(device=device, seed=7 + len(case), packed=case == "orpo", empty_seq=None)
+    labels = b["labels"].cpu()
+    logps = oracle(b["hidden"], b["weight"], b["labels"], chosen=CHOSEN, rejected=REJECTED,
+                   seq_ids=None if "seq_ids" not in b else b["seq_ids"].cpu(), shift=True)[1]
+    if "seq_ids" in b:
+        ids = b["seq_ids"].cpu()
+        nxt = torch.cat([labels[1:], labels.new_full((1,), -100)])
+        same = torch.cat([ids[1:] == ids[:-1], torch.tensor([False])])
+        counts = torch.zeros(2 * P, dtype=torch.float64).index_add_(0, ids, ((nxt != -100) & same).double())
+    else:
+        counts = (labels[:, 1:] != -100).sum(1).double()
+    obj = _ref_free(case, device)
+    assert obj.pair_local
+    out = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, seq_ids=b.get("seq_ids"),
+                                        num_seqs=2 * P, shift=True, **impl_kwargs(variant))
+    want = _ref_free_formula(case, logps, counts)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    got, ref_g = grads(out, b), grads(want, b)
+    for k in got:
+        assert rel_err(got[k], ref_g[k]) < 1e-5, (k, rel_err(got[k], ref_g[k]))
+
+
+def test_reference_free_objectives_refuse_a_reference():
+    with pytest.raises(ValueError, match="reference-free: ref_logps must be None"):
+        ck.ORPOObjective(chosen=CHOSEN, rejected=REJECTED, ref_logps=torch.zeros(2 * P))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        ck.CPOObjective(chosen=CHOSEN, rejected=REJECTED, loss_type="orpo")

@@ -92,6 +92,9 @@ CASES = {
     # an in-place product on an expanded tensor; tests/test_row_stats.py covers that mixture)
     "sigmoid + ipo, use_weighting": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 0.5],
                                      "use_weighting": True},
+    # LD-DPO: token weights past each pair's shared length, in the policy's and the reference's sums
+    "ld_alpha": {"ld_alpha": 0.3},
+    "ipo, ld_alpha, reference precomputed": {"loss_type": ["ipo"], "ld_alpha": 0.6, "precompute_ref_log_probs": True},
 }
 
 
@@ -130,7 +133,7 @@ def test_precomputed_reference_is_computed_by_the_fused_head(tok, tmp_path):
 
 UNSUPPORTED = {
     "loss_type": {"loss_type": ["bco_pair"], "f_divergence_type": "forward_kl"},  # TRL refuses it too
-    "ld_alpha": {"ld_alpha": 0.5},
+    "ld_alpha": {"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]},
     "sync_ref_model": {"sync_ref_model": True},
     "padding_free": {"padding_free": True},
 }

@@ -14,8 +14,10 @@ does. The [tokens x vocab] logits are never built. The loss is DPOConfig's, as a
 label_smoothing, discopop_tau and f_divergence_type, TRL's formulas and normalisation per
 micro-batch; aot and aot_unpaired rank the batch's pairs, so they take the exact two-pass path.
 use_weighting (WPO) reads each token's log sum p^2, a row statistic of the same pass over the
-logits (options.ROW_STATS). Refused by name when the trainer is built, never replaced by a
-different loss: ld_alpha, padding_free, sync_ref_model. Logged under TRL's names:
+logits (options.ROW_STATS); ld_alpha (LD-DPO) weighs the tokens past each pair's shared length
+(objective.ld_token_weights) in the policy's and the reference's sums. Refused by name when the
+trainer is built, never replaced by a different loss: padding_free, sync_ref_model, and ld_alpha
+together with sft or use_weighting (TRL computes those from the unweighted log-probs). Logged under TRL's names:
 rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, entropy,
 logits/{chosen,rejected}, mean_token_accuracy (from the row statistics: no logits kept),
 num_tokens, and nll where there is an NLL term.
@@ -46,16 +48,16 @@ except ImportError as err:
 
 from .. import _inputs
 from ..loss import fused_linear_sequence_loss, sequence_logps
-from ..objective import CLOObjective, PreferenceObjective
+from ..objective import CLOObjective, PreferenceObjective, ld_token_weights
 from ..options import LogProbOptions
 from ..quad import LAYOUTS, quad_pairs
 from . import hf
 
 log = logging.getLogger(__name__)
 
-# DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements (ld_alpha: per-token
-# weights; padding_free: packed pairs; both open in issue 24).
-_FIXED = {"ld_alpha": None, "sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
+# DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements (padding_free: packed
+# pairs, open in issue 24).
+_FIXED = {"sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
 # The row statistics behind TRL's logged entropy, logits/* and mean_token_accuracy.
 _LOGGED_STATS = ("entropy", "mean_logits", "is_top1")
 
@@ -141,6 +143,9 @@ class FusedDPOTrainer(DPOTrainer):
 
     def _config_problems(self, args) -> list[str]:
         bad = [f"{k}={getattr(args, k)!r} (supported: {v!r})" for k, v in self._FIXED.items() if getattr(args, k) != v]
+        if args.ld_alpha is not None and ("sft" in args.loss_type or args.use_weighting):
+            bad.append(f"ld_alpha={args.ld_alpha} with {'sft' if 'sft' in args.loss_type else 'use_weighting'} "
+                       "(TRL computes that term from the unweighted log-probs)")
         try:
             self._objective(args, chosen=torch.zeros(0, dtype=torch.long), rejected=torch.zeros(0, dtype=torch.long))
         except ValueError as err:
@@ -182,10 +187,19 @@ class FusedDPOTrainer(DPOTrainer):
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=in_one_dtype)
 
+    def _token_weights(self, labels) -> torch.Tensor | None:
+        """LD-DPO's weights of the tokens past each pair's shared length (ld_alpha), else None."""
+        if getattr(self.args, "ld_alpha", None) is None:
+            return None
+        chosen, rejected, _ = self._layout(labels.shape[0], labels.device)
+        return ld_token_weights(labels, chosen, rejected, alpha=self.args.ld_alpha, shift=True)
+
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         labels = self._labels(inputs)
+        weights = self._token_weights(labels)
         return self._head(model, inputs, lambda hidden, weight, bias, softcap: sequence_logps(
-            hidden, weight, labels, bias=bias, softcap=softcap, shift=True, impl=self._impl, options=self._options))
+            hidden, weight, labels, bias=bias, softcap=softcap, shift=True, token_weights=weights, impl=self._impl,
+            options=self._options))
 
     @torch.no_grad()
     def _reference_logps(self, model, inputs) -> torch.Tensor:
@@ -230,12 +244,13 @@ class FusedDPOTrainer(DPOTrainer):
                                     ref_logps=ref.to(labels.device))
 
         ul_mask = self._unlikelihood_mask(labels.shape[0], labels.device)
+        weights = self._token_weights(labels)
 
         def fn(hidden, weight, bias, softcap):
             return fused_linear_sequence_loss(
                 hidden, weight, labels, objective, bias=bias, softcap=softcap, shift=True,
                 unlikelihood=self._unlikelihood, unlikelihood_mask=ul_mask, row_stats=_LOGGED_STATS,
-                impl=self._impl, options=self._options)
+                token_weights=weights, impl=self._impl, options=self._options)
 
         out = self._head(model, inputs, fn)
         loss = out.loss
@@ -321,7 +336,7 @@ class CLOTrainer(FusedDPOTrainer):
     (precompute_ref_log_probs) or on the fly, as in FusedDPOTrainer."""
 
     _FIXED = {**_FIXED, "loss_type": ["sigmoid"], "f_divergence_type": "reverse_kl", "label_smoothing": 0.0,
-              "use_weighting": False}
+              "use_weighting": False, "ld_alpha": None}
     _tag_names = ["trl", "clo", "clo-kernels"]
 
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
