@@ -44,7 +44,8 @@ def _assert_stats(got: dict, want: dict, names):
         if k == "is_top1":
             assert torch.equal(g, want[k]), (k, g, want[k])
         else:
-            torch.testing.assert_close(g, want[k], rtol=1e-5, atol=2e-5, msg=k)
+            torch.testing.assert_close(g, want[k], rtol=1e-5, atol=2e-5,
+                                       msg=lambda m, k=k, g=g: f"{k}: {m}\n{g}\n{want[k]}")
 
 
 @pytest.mark.parametrize("head", list(HEADS))

@@ -294,3 +294,24 @@ def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(tok, tmp_path):
     logs = json.loads(out.read_text())
     assert logs["DPOTrainer.world"] == logs["FusedDPOTrainer.world"] == 2
     assert_same_logs(logs["FusedDPOTrainer"], logs["DPOTrainer"])
+
+
+def test_in_bf16_autocast_the_fused_trainer_stays_as_close_to_fp32_as_trl(tok, tmp_path):
+    """bf16=True (TRL's default on a GPU; autocast on the CPU too): each logged value of the fused
+    trainer is no further from its own fp32 run than trl.DPOTrainer's is from its fp32 run (within 2x
+    and a rounding floor), step by step."""
+    keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy", "logits/chosen")
+    runs = {(cls.__name__, bf16): train_log(cls, tok, tmp_path / f"{cls.__name__}-{bf16}", bf16=bf16)
+            for cls in (FusedDPOTrainer, DPOTrainer) for bf16 in (False, True)}
+
+    def drift(name, key):
+        return max(abs(a[key] - b[key]) for a, b in zip(runs[name, True], runs[name, False], strict=True))
+
+    for key in keys:
+        ours, theirs = drift("FusedDPOTrainer", key), drift("DPOTrainer", key)
+        floor = 2**-8 * max(abs(h[key]) for h in runs["DPOTrainer", False])  # one bf16 rounding of the value
+        assert ours <= 2 * theirs + floor, f"{key}: fused drifts {ours:.3g} in bf16, trl {theirs:.3g}"
+    assert drift("DPOTrainer", "loss") > 0  # bf16 really ran: the runs differ
+    for bf16 in (False, True):  # at step 1 the policy is its reference: margins of exactly 0, as TRL's
+        first = {name: runs[name, bf16][0]["rewards/margins"] for name in ("FusedDPOTrainer", "DPOTrainer")}
+        assert first == {"FusedDPOTrainer": 0.0, "DPOTrainer": 0.0}, (bf16, first)

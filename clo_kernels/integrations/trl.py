@@ -205,18 +205,25 @@ class FusedDPOTrainer(DPOTrainer):
     def _reference_logps(self, model, inputs) -> torch.Tensor:
         """(S,) sequence log-probs of the reference: ``model`` (the reference model, or the policy
         before training), or the peft policy with its adapters off (TRL's frozen "ref" adapter
-        where it made one)."""
+        where it made one). In the training step's context, as TRL computes it on the fly: an
+        extra autocast region here would round differently from the policy's forward, and a
+        policy equal to its reference would not get margins of exactly 0."""
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter,
-              self.accelerator.autocast()):
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
             return self._sequence_logps(model, inputs)
+
+    def _precomputed_reference_logps(self, model, inputs) -> torch.Tensor:
+        """(S,) reference log-probs for precompute_ref_log_probs, outside any training step: under
+        the accelerator's autocast, as TRL's compute_ref_log_probs."""
+        with self.accelerator.autocast():
+            return self._reference_logps(model, inputs)
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's hook for precompute_ref_log_probs: (chosen, rejected) reference log-probs."""
-        return self._reference_logps(model, inputs).chunk(2)
+        return self._precomputed_reference_logps(model, inputs).chunk(2)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL caches precomputed reference log-probs under (data, model); a different key keeps a
@@ -426,10 +433,10 @@ class CLOTrainer(FusedDPOTrainer):
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
         model, rows = self.ref_model or self.model, []
         for batch in tqdm(loader, desc=f"reference log-probs ({name})"):
-            logps = self._reference_logps(model, batch).view(-1, len(LAYOUTS["clo"].sequences))
+            logps = self._precomputed_reference_logps(model, batch).view(-1, len(LAYOUTS["clo"].sequences))
             rows.append(self.accelerator.gather_for_metrics(logps).cpu())
         return dataset.add_column("ref_logps", torch.cat(rows).tolist())
 
     def compute_ref_log_probs(self, model, inputs):
         """(4Q,) reference log-probs of a collated batch of quads."""
-        return self._reference_logps(model, inputs)
+        return self._precomputed_reference_logps(model, inputs)
