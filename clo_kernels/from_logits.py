@@ -13,39 +13,45 @@ from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, mask_token_logps,
 from .backend import row_ops
 from .loss import prepare_loss_batch
 from .objective import CLOObjective, CLOOutput
+from .options import LogProbOptions
 
 
 class _LogitsLogProb(torch.autograd.Function):
     """Per-token log-probs of logits; ops = backend.row_ops(impl), the torch or Triton row operations."""
 
     @staticmethod
-    def forward(ctx, logits, labels, softcap, inplace, ops):
-        logp, lse, _ = ops[0](logits, labels, bias=None, softcap=softcap)
+    def forward(ctx, logits, labels, softcap, inplace, ops, stats):
+        logp, lse, st = ops[0](logits, labels, bias=None, softcap=softcap, stats=stats)
         ctx.save_for_backward(logits, labels, lse)
         ctx.softcap, ctx.inplace, ctx.backward_into = softcap, inplace, ops[1]
-        return logp
+        if st is not None:
+            ctx.mark_non_differentiable(st)
+        return logp, st
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_stats=None):
         logits, labels, lse = ctx.saved_tensors
         dl = logits if ctx.inplace else torch.empty_like(logits)
         ctx.backward_into(dl, logits, labels, lse, grad, bias=None, softcap=ctx.softcap)
-        return dl, None, None, None, None
+        return dl, None, None, None, None, None
 
 
-def logits_token_logps(batch: TokenBatch, *, softcap, impl: str, inplace: bool) -> torch.Tensor:
+def logits_token_logps(batch: TokenBatch, *, softcap, impl: str, inplace: bool,
+                       stats: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) token log-probs of the logits batch (masked) and their (len(stats), N) row statistics or None."""
     logits, labels = batch.hidden, batch.labels
     if impl == "reference":
         from .reference import reference_logits_token_logps
 
-        return mask_token_logps(reference_logits_token_logps(logits, labels, batch.valid, softcap=softcap)[0], batch)
-    ops = row_ops(impl)
-    labels = labels.clamp(0, logits.shape[1] - 1)  # out-of-range ones become NaN in mask_token_logps
-    if needs_autograd(logits):
-        out = _LogitsLogProb.apply(logits, labels, softcap, inplace, ops)
+        out, st = reference_logits_token_logps(logits, labels, batch.valid, softcap=softcap, stats=stats)
     else:
-        out = ops[0](logits, labels, bias=None, softcap=softcap)[0]
-    return mask_token_logps(out, batch)
+        ops = row_ops(impl)
+        labels = labels.clamp(0, logits.shape[1] - 1)  # out-of-range ones become NaN in mask_token_logps
+        if needs_autograd(logits):
+            out, st = _LogitsLogProb.apply(logits, labels, softcap, inplace, ops, stats)
+        else:
+            out, _, st = ops[0](logits, labels, bias=None, softcap=softcap, stats=stats)
+    return mask_token_logps(out, batch), None if st is None else mask_token_logps(st, batch)
 
 
 @autocast_rule("softmax")
@@ -68,6 +74,7 @@ def clo_loss_from_logits(
     num_pairs=None,
     num_nll_tokens=None,
     inplace_backward: bool = False,
+    row_stats: tuple[str, ...] = (),
     impl: str = "auto",
     validate: bool = True,
 ) -> CLOOutput:
@@ -76,7 +83,7 @@ def clo_loss_from_logits(
     softcap, if given, is applied to the logits here (pass raw logits). With
     ``inplace_backward=True`` the backward overwrites ``logits`` with its gradient: use it
     only when nothing else needs the logits after the loss. The reference path has no
-    in-place backward and ignores the flag.
+    in-place backward and ignores the flag. row_stats as in fused_linear_clo_loss.
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _FLOAT_DTYPES:
         raise TypeError("logits must be a float32, bfloat16 or float16 tensor, got "
@@ -89,5 +96,7 @@ def clo_loss_from_logits(
                                validate=validate)
     if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
         raise ValueError("inplace_backward needs logits whose rows are contiguous")
-    tok = logits_token_logps(batch, softcap=softcap, impl=resolve_impl(impl, logits.device), inplace=inplace_backward)
-    return objective.output(tok, batch)
+    names = LogProbOptions(row_stats=row_stats).row_stats  # checked, in ROW_STATS order
+    tok, st = logits_token_logps(batch, softcap=softcap, impl=resolve_impl(impl, logits.device),
+                                 inplace=inplace_backward, stats=names)
+    return objective.output(tok, batch, token_stats=st, names=names)

@@ -165,3 +165,19 @@ def test_unknown_row_stats_are_named_before_any_kernel():
     with pytest.raises(ValueError, match=r"row_stats must be names from .*'entropy'.*got \['perplexity'\]"):
         ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], row_stats=("perplexity",), **_args(b))
     assert b["hidden"].grad is None
+
+
+@pytest.mark.parametrize("impl", impls())
+def test_row_stats_from_logits(impl, device):
+    """clo_loss_from_logits reads them in its row pass too, and leaves the caller's logits as they were."""
+    b = make_case(device=device, seed=12)
+    _hit_argmax(b)
+    logits = (b["hidden"].detach() @ b["weight"].detach().T).requires_grad_()
+    before = logits.detach().clone()
+    out = ck.clo_loss_from_logits(logits, b["labels"], shift=True, softcap=8.0, row_stats=ck.ROW_STATS, impl=impl,
+                                  **_args(b))
+    out.loss.backward()
+    assert torch.equal(logits.detach(), before)
+    want = oracle_row_stats(b["hidden"].detach().cpu(), b["weight"].detach().cpu(), b["labels"].cpu(), shift=True,
+                            softcap=8.0)
+    _assert_stats(out.row_stats, want, ck.ROW_STATS)
