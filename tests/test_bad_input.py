@@ -50,6 +50,59 @@ BAD = {
 }
 
 
+def _seq_call(b, **over):
+    kw = {"hidden": b["hidden"], "weight": b["weight"], "labels": b["labels"], **over}
+    return ck.sequence_logps(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), **kw)
+
+
+SEQUENCE_LOGPS_BAD = {
+    "label_out_of_range": (lambda b: dict(labels=b["labels"].clone().fill_(600)), ValueError, "labels"),
+    "weight_D": (lambda b: dict(weight=torch.randn(517, 41)), ValueError, "D="),
+    "bias_shape": (lambda b: dict(bias=torch.zeros(516)), ValueError, "bias"),
+    "seq_ids_missing": (lambda b: dict(hidden=b["hidden"].reshape(-1, 40), labels=b["labels"].reshape(-1)),
+                        ValueError, "seq_ids"),
+    "token_weights_shape": (lambda b: dict(token_weights=torch.ones(3)), ValueError, "token_weights"),
+    "softcap": (lambda b: dict(softcap=0.0), ValueError, "softcap"),
+    "impl": (lambda b: dict(impl="gpu"), ValueError, "impl"),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQUENCE_LOGPS_BAD))
+def test_sequence_logps_bad_input_names_the_argument(name):
+    make, exc, word = SEQUENCE_LOGPS_BAD[name]
+    b = make_case()
+    with pytest.raises(exc, match=word):
+        _seq_call(b, **make(b))
+    assert b["hidden"].grad is None
+
+
+def _logits_call(b, **over):
+    logits = (b["hidden"].detach() @ b["weight"].detach().T).requires_grad_()
+    kw = {"logits": logits, "labels": b["labels"], "chosen": b["chosen"], "rejected": b["rejected"],
+          "nll_mask": b["nll_mask"], **over}
+    return ck.clo_loss_from_logits(kw.pop("logits"), kw.pop("labels"), **kw)
+
+
+FROM_LOGITS_BAD = {
+    "int_logits": (lambda b: dict(logits=torch.zeros(8, 13, 517, dtype=torch.long)), TypeError, "logits"),
+    "labels_shape": (lambda b: dict(labels=b["labels"][:, :-1]), ValueError, "labels"),
+    "label_out_of_range": (lambda b: dict(labels=b["labels"].clone().fill_(517)), ValueError, "labels"),
+    "chosen_float": (lambda b: dict(chosen=b["chosen"].float()), TypeError, "chosen"),
+    "nll_mask_shape": (lambda b: dict(nll_mask=torch.ones(9, dtype=torch.bool)), ValueError, "nll_mask"),
+    "row_stats": (lambda b: dict(row_stats=("perplexity",)), ValueError, "row_stats"),
+    "inplace_strided": (lambda b: dict(logits=torch.zeros(8, 13, 1034)[..., :517], inplace_backward=True),
+                        ValueError, "inplace_backward"),
+}
+
+
+@pytest.mark.parametrize("name", list(FROM_LOGITS_BAD))
+def test_clo_loss_from_logits_bad_input_names_the_argument(name):
+    make, exc, word = FROM_LOGITS_BAD[name]
+    b = make_case()
+    with pytest.raises(exc, match=word):
+        _logits_call(b, **make(b))
+
+
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_names_the_argument(name):
     make, exc, word = BAD[name]

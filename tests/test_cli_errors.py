@@ -54,6 +54,18 @@ def test_train_with_an_unknown_config_option(tmp_path):
     assert f"--config {cfg}: unknown option(s) ['max_stepz']" in one_line_error(proc, "train")
 
 
+@pytest.mark.parametrize(("text", "named"), [("max_steps: [3\n", "not valid YAML"),
+                                             ("- max_steps\n", "expected a mapping of options, got list"),
+                                             (None, "cannot be read")])
+def test_train_with_a_bad_config_file(tmp_path, text, named):
+    cfg = tmp_path / "run.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    proc = clo("train", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert f"--config {cfg}: {named}" in one_line_error(proc, "train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_without_a_model(tmp_path):
     proc = clo("eval", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert "no --model and no trained model in" in one_line_error(proc, "eval")

@@ -327,3 +327,45 @@ def test_one_step_on_smollm2(tmp_path):
     row = summary["final"]
     assert torch.isfinite(torch.tensor(row["loss"])) and row["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
     assert 0.5 < row["nll"] < 6.0  # a trained model's NLL on fluent German, not a random model's ~10.8
+
+
+def test_grad_checkpointing_on_recomputes_and_changes_nothing(llama_dir, tmp_path, monkeypatch):
+    """--grad-checkpointing on: the layers run under torch.utils.checkpoint, and the run's rows equal
+    those of a run without it (SGD: its update is linear in the gradient)."""
+    import torch.utils.checkpoint as C
+    import transformers.modeling_utils as MU
+
+    calls = []
+    original = C.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    kw = dict(max_steps=2, optimizer="sgd", lr=0.5)
+    train(train_config(llama_dir, tmp_path / "off", grad_checkpointing="off", **kw))
+    assert not calls
+    monkeypatch.setattr(C, "checkpoint", counting)
+    monkeypatch.setattr(MU, "checkpoint", counting, raising=False)  # transformers binds it at import
+    train(train_config(llama_dir, tmp_path / "on", grad_checkpointing="on", **kw))
+    assert calls  # the layers really were checkpointed
+    for a, b in zip(metrics(tmp_path / "on"), metrics(tmp_path / "off"), strict=True):
+        for key in ("loss", "nll", "rewards/margins", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_keep_checkpoints_prunes_the_oldest(llama_dir, tmp_path):
+    train(train_config(llama_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-0000003", "step-0000004"]
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step-0000004"
+
+
+def test_resume_without_a_checkpoint_starts_at_step_one(llama_dir, tmp_path):
+    kw = dict(max_steps=2, optimizer="sgd", lr=0.5)
+    train(train_config(llama_dir, tmp_path / "fresh", **kw))
+    train(train_config(llama_dir, tmp_path / "resumed", resume=True, **kw))
+    a, b = metrics(tmp_path / "resumed"), metrics(tmp_path / "fresh")
+    assert [r["step"] for r in a] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
