@@ -343,3 +343,27 @@ def test_clo_compare_end_to_end(llama_dir, tmp_path, capsys):
     md = (out / "compare.md").read_text(encoding="utf-8")
     assert md.count("\n| clo") == 2 and "\n| sft | sft, 2 quads |" in md and "\n| baseline | - |" in md
     assert (out / "compare.png").stat().st_size > 0 and "CLO vs SFT" in capsys.readouterr().out
+
+
+def test_clo_eval_command_after_clo_train(llama_dir, tmp_path):
+    """The success path as users type it: `clo train` then `clo eval` on the run folder, as two
+    commands; eval finds the run's final model and its base model, writes eval.json and eval.md."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    run = tmp_path / "run"
+    for args in (["train", "--model", llama_dir, "--max-quads", "2", "--batch-quads", "2", "--max-steps", "1",
+                  "--max-length", "96", "--device", "cpu", "--no-progress"],
+                 ["eval", "--limit", "2", "--max-new-tokens", "3", "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "clo", *args, "--output-dir", str(run)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"clo {args[0]}: {proc.stderr[-3000:]}"
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(report) == ["baseline", "model"]
+    assert report["model"]["model"] == str(run / "final") and report["baseline"]["model"] == llama_dir
+    assert report["model"]["num_prompts"] == 2 and len(report["model"]["samples"]) == 4  # each quad: both prompts
+    assert (run / "eval" / "eval.md").exists() and (run / "eval" / "eval.png").exists()
