@@ -11,6 +11,7 @@ from .from_logits import clo_loss_from_logits
 from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
 from .objective import (
     LOSS_TYPES,
+    OBJECTIVE_NAMES,
     CLOObjective,
     CLOOutput,
     CPOObjective,
@@ -18,6 +19,7 @@ from .objective import (
     PairObjective,
     PreferenceObjective,
     ld_token_weights,
+    objective_by_name,
 )
 from .options import ROW_STATS, LogProbOptions
 from .quad import LAYOUTS, QUAD_SEQUENCES, QuadLayout, quad_pairs
@@ -33,6 +35,7 @@ __all__ = [
     "LAYOUTS",
     "LOSS_TYPES",
     "LogProbOptions",
+    "OBJECTIVE_NAMES",
     "ORPOObjective",
     "PairObjective",
     "PreferenceObjective",
@@ -43,6 +46,7 @@ __all__ = [
     "fused_linear_clo_loss",
     "fused_linear_sequence_loss",
     "ld_token_weights",
+    "objective_by_name",
     "quad_pairs",
     "sequence_logps",
     "unlikelihood_loss",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _inputs
-from .objective import CLOObjective, CLOOutput, PairObjective, batch_sums, sequence_means
+from .objective import CLOObjective, CLOOutput, PairObjective, batch_sums, objective_by_name, sequence_means
 from .options import LogProbOptions
 
 
@@ -193,7 +193,7 @@ def fused_linear_sequence_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    objective: PairObjective,
+    objective: PairObjective | str,
     *,
     seq_ids: torch.Tensor | None = None,
     num_seqs: int | None = None,
@@ -209,8 +209,12 @@ def fused_linear_sequence_loss(
     impl: str = "auto",
     validate: bool = True,
     options: LogProbOptions | None = None,
+    **objective_options,
 ) -> CLOOutput:
     """A loss over sequence log-probs, ``objective``, straight from hidden states and the lm_head weight.
+
+    ``objective`` is an objective object, or a loss's name from OBJECTIVE_NAMES with its options as
+    keywords: ``fused_linear_sequence_loss(h, w, y, "ipo", chosen=c, rejected=r, ref_logps=ref, beta=0.5)``.
 
     The objective (clo_kernels.objective) is plain PyTorch over (S,) per-sequence sums of the
     response tokens' log-probs and token counts; shapes and every other argument as in
@@ -226,6 +230,11 @@ def fused_linear_sequence_loss(
     token_weights: shaped as labels, each token's weight in its sequence's sum (the objective's
     ``sums``; default 1), e.g. LD-DPO's (``ld_token_weights``); the token counts stay counts.
     """
+    if isinstance(objective, str):
+        objective = objective_by_name(objective, **objective_options)
+    elif objective_options:
+        raise TypeError(f"options {sorted(objective_options)} are for a loss given by name; an objective object "
+                        "carries its own")
     _inputs.check_head(hidden, weight, bias, impl=impl)
     batch = prepare_loss_batch(hidden, labels, objective, vocab_size=weight.shape[0], seq_ids=seq_ids,
                                num_seqs=num_seqs, softcap=softcap, shift=shift, ignore_index=ignore_index, impl=impl,

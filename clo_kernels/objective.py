@@ -18,7 +18,7 @@ No host synchronisation: denominators stay tensors, empty sets give 0 / max(coun
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -472,6 +472,32 @@ class ORPOObjective(_ReferenceFree):
         nll = self._chosen_nll(sums, counts)
         loss = nll - self.beta * F.logsigmoid(log_odds).sum() / self.pair_denominator(sums)
         return loss, self._parts(m, m, nll)
+
+
+OBJECTIVE_NAMES = ("clo", *LOSS_TYPES, "cpo", "simpo", "orpo")
+
+
+def objective_by_name(name: str, **options) -> PairObjective:
+    """The objective called ``name`` with ``options`` (its fields): "clo" (CLOObjective), each of
+    TRL's DPO LOSS_TYPES (PreferenceObjective with that loss_type), "cpo" and "simpo" (CPOObjective;
+    simpo with cpo_alpha=0 unless given), "orpo" (ORPOObjective)."""
+    if name == "clo":
+        cls = CLOObjective
+    elif name in LOSS_TYPES:
+        cls, options = PreferenceObjective, {"loss_type": (name,), **options}
+    elif name in ("cpo", "simpo"):
+        cls = CPOObjective
+        if name == "simpo":
+            options = {"loss_type": "simpo", "cpo_alpha": 0.0, **options}
+    elif name == "orpo":
+        cls = ORPOObjective
+    else:
+        raise ValueError(f"unknown loss {name!r}: one of {OBJECTIVE_NAMES}, or an objective object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"loss {name!r} ({cls.__name__}) has no option(s) {unknown}; its options: {sorted(known)}")
+    return cls(**options)
 
 
 def ld_token_weights(labels: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, *, alpha: float,

@@ -281,3 +281,36 @@ def test_reference_free_objectives_refuse_a_reference():
         ck.ORPOObjective(chosen=CHOSEN, rejected=REJECTED, ref_logps=torch.zeros(2 * P))
     with pytest.raises(ValueError, match="loss_type must be one of"):
         ck.CPOObjective(chosen=CHOSEN, rejected=REJECTED, loss_type="orpo")
+
+
+BY_NAME = {
+    "clo": (ck.CLOObjective, {"beta": 0.3, "nll_weight": 0.2}),
+    "ipo": (ck.PreferenceObjective, {"loss_type": ("ipo",), "beta": 0.5}),
+    "simpo": (ck.CPOObjective, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0}),
+    "orpo": (ck.ORPOObjective, {"beta": 0.2}),
+}
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_a_loss_by_name_is_its_objective(name):
+    cls, opts = BY_NAME[name]
+    b = make_case(seed=2, empty_seq=None)
+    pairs = {"chosen": CHOSEN, "rejected": REJECTED}
+    implied = {"loss_type", "cpo_alpha"} if name == "simpo" else {"loss_type"}  # what the name itself sets
+    named_opts = {k: v for k, v in opts.items() if k not in implied}
+    by_name = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], name, shift=True, **pairs,
+                                            **named_opts)
+    by_object = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], cls(**pairs, **opts), shift=True)
+    assert torch.equal(by_name.loss, by_object.loss)
+    assert set(ck.OBJECTIVE_NAMES) >= set(BY_NAME) | set(ck.LOSS_TYPES)
+
+
+def test_a_loss_by_name_names_what_is_wrong():
+    b = make_case()
+    args = (b["hidden"], b["weight"], b["labels"])
+    with pytest.raises(ValueError, match="unknown loss 'dpo'"):
+        ck.fused_linear_sequence_loss(*args, "dpo", chosen=CHOSEN, rejected=REJECTED)
+    with pytest.raises(TypeError, match=r"loss 'orpo' \(ORPOObjective\) has no option\(s\) \['gamma'\]"):
+        ck.fused_linear_sequence_loss(*args, "orpo", chosen=CHOSEN, rejected=REJECTED, gamma=1.0)
+    with pytest.raises(TypeError, match="are for a loss given by name"):
+        ck.fused_linear_sequence_loss(*args, ck.CLOObjective(chosen=CHOSEN, rejected=REJECTED), beta=0.2)
