@@ -17,10 +17,10 @@ use_weighting (WPO) reads each token's log sum p^2, a row statistic of the same 
 logits (options.ROW_STATS); ld_alpha (LD-DPO) weighs the tokens past each pair's shared length
 (objective.ld_token_weights) in the policy's and the reference's sums. Refused by name when the
 trainer is built, never replaced by a different loss: padding_free, sync_ref_model, and ld_alpha
-together with sft or use_weighting (TRL computes those from the unweighted log-probs). Logged under TRL's names:
-rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, entropy,
-logits/{chosen,rejected}, mean_token_accuracy (from the row statistics: no logits kept),
-num_tokens, and nll where there is an NLL term.
+together with sft or use_weighting (TRL computes those from the unweighted log-probs). Logged
+under TRL's names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected},
+entropy, logits/{chosen,rejected}, mean_token_accuracy (from the row statistics: no logits
+kept), num_tokens, and nll where there is an NLL term.
 
 ``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
 TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
