@@ -65,7 +65,7 @@ def cpu_name() -> str:
 
 def machine_meta(device: str) -> dict:
     """The machine part of bench_train's and bench_trl's "meta": where, when and on which commit."""
-    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    return {"machine": cpu_name(), "cpus": os.cpu_count(),
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d"), "loadavg": os.getloadavg()}
 

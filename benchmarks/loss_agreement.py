@@ -49,8 +49,8 @@ def check_agreement(names: list[str], device: torch.device, *, dtype: torch.dtyp
             c = CONTENDERS[name]
             row = {"method": name, "head": head.name, "softcap": head.softcap, "dtype": str(dtype)[6:]}
             reason = unavailable(c, device, interpreter_ok=True)
-            if c.variant == "liger" and head.softcap is not None:
-                reason = "Liger's DPO loss has no softcap"
+            if not c.softcap and head.softcap is not None:
+                reason = f"{name} cannot apply a final-logit softcap"
             if reason:
                 rows.append({**row, "skipped": reason})
                 continue

@@ -12,6 +12,9 @@ forward and backward to the hidden states and the lm_head weight.
   cce            Cut Cross-Entropy's linear_cross_entropy(reduction="none"): per-token log-probs from its
                  Triton kernels (gradient filter and vocabulary sorting at their defaults), sequence sums and
                  the CLO loss in PyTorch. On CPU its impl="torch_compile", which is naive logits under compile
+  torch lce      PyTorch's own F.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
+                 (torch >= 2.13): its chunked path, gradients computed in its forward; per-token NLL, sequence
+                 sums and the CLO loss in PyTorch. No softcap
   trl            TRL's ChunkedLogProbFunction, the fused LM head of its DPOTrainer: cuBLAS on [4096, 32768]
                  tiles folded by Triton (torch ops on CPU), per-token log-probs only (the trainer also asks for
                  entropy and metrics); sequence sums and the CLO loss in PyTorch
@@ -110,6 +113,7 @@ class Contender:
     grads_in_forward: bool = False
     variant: str = "clo"  # which loss it computes: "clo", or "liger" (LIGER_DIFFERENCES)
     cuda_only: bool = False
+    softcap: bool = True  # False: cannot apply a final-logit softcap (timed without it, said in its note)
 
 
 def _build_naive(b: Batch, device):
@@ -154,6 +158,19 @@ def _build_cce(b: Batch, device):
 LOGGED_STATS = ("entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its head for, besides log-probs
 
 
+def _build_torch_lce(b: Batch, device):
+    options = torch.nn.LinearCrossEntropyOptions()
+    S, T, D = b.hidden.shape
+    mask = b.labels != -100
+
+    def loss():
+        nll = F.linear_cross_entropy(b.hidden.reshape(-1, D), b.weight, b.labels.reshape(-1), reduction="none",
+                                     options=options)
+        return clo_from_token_logps(-nll.view(S, T), mask, b)
+
+    return loss, [b.hidden, b.weight], "softcap NOT applied (unsupported)" if b.softcap is not None else ""
+
+
 def _build_trl(b: Batch, device, outputs: tuple[str, ...] = ()):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
 
@@ -196,8 +213,9 @@ def _build_clo(impl: str, backward: str = "one_pass", row_stats: tuple[str, ...]
 CONTENDERS = {c.name: c for c in [
     Contender("naive", None, _build_naive),
     Contender("naive+compile", None, _build_naive_compiled),
-    Contender("liger", "liger-kernel", _build_liger, grads_in_forward=True, variant="liger"),
+    Contender("liger", "liger-kernel", _build_liger, grads_in_forward=True, variant="liger", softcap=False),
     Contender("cce", "cut-cross-entropy", _build_cce),
+    Contender("torch lce", None, _build_torch_lce, grads_in_forward=True, softcap=False),
     Contender("trl", "trl", _build_trl),
     Contender("clo torch", None, _build_clo("torch"), grads_in_forward=True),
     Contender("clo torch 2-pass", None, _build_clo("torch", "staged")),
@@ -222,6 +240,8 @@ def unavailable(c: Contender, device: torch.device, *, interpreter_ok: bool = Fa
         return "needs CUDA: Triton kernels (the Triton CPU interpreter is a correctness tool, not timed)"
     if c.name.startswith("clo triton") and importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    if c.name == "torch lce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy (torch >= 2.13)"
     return None
 
 
