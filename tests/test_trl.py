@@ -95,6 +95,10 @@ CASES = {
     # LD-DPO: token weights past each pair's shared length, in the policy's and the reference's sums
     "ld_alpha": {"ld_alpha": 0.3},
     "ipo, ld_alpha, reference precomputed": {"loss_type": ["ipo"], "ld_alpha": 0.6, "precompute_ref_log_probs": True},
+    # padding_free: the fused trainer packs (TRL 1.16 pads and warns): the same run, no padding computed
+    "padding_free": {"padding_free": True, "per_device_train_batch_size": 3},
+    "padding_free, ld_alpha, reference precomputed": {"padding_free": True, "ld_alpha": 0.5,
+                                                      "precompute_ref_log_probs": True},
 }
 
 
@@ -135,7 +139,6 @@ UNSUPPORTED = {
     "loss_type": {"loss_type": ["bco_pair"], "f_divergence_type": "forward_kl"},  # TRL refuses it too
     "ld_alpha": {"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]},
     "sync_ref_model": {"sync_ref_model": True},
-    "padding_free": {"padding_free": True},
 }
 
 
@@ -315,3 +318,21 @@ def test_in_bf16_autocast_the_fused_trainer_stays_as_close_to_fp32_as_trl(tok, t
     for bf16 in (False, True):  # at step 1 the policy is its reference: margins of exactly 0, as TRL's
         first = {name: runs[name, bf16][0]["rewards/margins"] for name in ("FusedDPOTrainer", "DPOTrainer")}
         assert first == {"FusedDPOTrainer": 0.0, "DPOTrainer": 0.0}, (bf16, first)
+
+
+def test_padding_free_runs_no_padding_through_the_model(tok, tmp_path):
+    """The backbone sees one row of the batch's real tokens, position ids restarting per sequence."""
+    model = tiny_llama(len(tok), seed=1).train()
+    seen = []
+    model.model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    trainer = FusedDPOTrainer(model=model, ref_model=copy.deepcopy(model),
+                              args=dpo_args(tmp_path, padding_free=True, max_steps=1), train_dataset=preference_rows(),
+                              processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    real = int(batch["attention_mask"].sum())
+    assert real < batch["attention_mask"].numel()  # the padded batch has padding to leave out
+    policy = seen[-1]
+    assert policy["input_ids"].shape == (1, real) and policy.get("attention_mask") is None
+    starts = (policy["position_ids"][0] == 0).sum()
+    assert starts == batch["input_ids"].shape[0]  # one sequence per row of the padded batch

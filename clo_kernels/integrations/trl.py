@@ -16,11 +16,13 @@ micro-batch; aot and aot_unpaired rank the batch's pairs, so they take the exact
 use_weighting (WPO) reads each token's log sum p^2, a row statistic of the same pass over the
 logits (options.ROW_STATS); ld_alpha (LD-DPO) weighs the tokens past each pair's shared length
 (objective.ld_token_weights) in the policy's and the reference's sums. Refused by name when the
-trainer is built, never replaced by a different loss: padding_free, sync_ref_model, and ld_alpha
+trainer is built, never replaced by a different loss: sync_ref_model, and ld_alpha
 together with sft or use_weighting (TRL computes those from the unweighted log-probs). Logged
 under TRL's names: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected},
 entropy, logits/{chosen,rejected}, mean_token_accuracy (from the row statistics: no logits
-kept), num_tokens, and nll where there is an NLL term.
+kept), num_tokens, and nll where there is an NLL term. padding_free=True (which TRL 1.16 turns
+off for DPO) packs each padded batch into one row of its real tokens with restarting position
+ids before the model runs: no padding token goes through the model or the head.
 
 ``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
 TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
@@ -32,6 +34,7 @@ kinds and the NLL on the target-language chosen response.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -55,9 +58,8 @@ from . import hf
 
 log = logging.getLogger(__name__)
 
-# DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements (padding_free: packed
-# pairs, open in issue 24).
-_FIXED = {"sync_ref_model": False, "padding_free": False, "use_liger_kernel": False}
+# DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements.
+_FIXED = {"sync_ref_model": False, "use_liger_kernel": False}
 # The row statistics behind TRL's logged entropy, logits/* and mean_token_accuracy.
 _LOGGED_STATS = ("entropy", "mean_logits", "is_top1")
 
@@ -136,6 +138,10 @@ class FusedDPOTrainer(DPOTrainer):
                              + ". trl.DPOTrainer has its own head for these.")
         self._impl, self._options = impl, options
         self._unlikelihood = getattr(cfg, "unlikelihood", 0.0)  # CLOConfig's; DPO has none
+        self._packed = bool(cfg.padding_free)
+        if self._packed:  # TRL pads as it always does (and would warn that it does); the head packs
+            given["args"] = cfg = copy.copy(cfg)
+            cfg.padding_free = False
         super().__init__(**given)
 
     # ------------------------------------------------------------------------------------------
@@ -178,14 +184,28 @@ class FusedDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------
     # The head: everything goes through the model's (patched) forward
 
-    def _head(self, model, inputs, fn):
-        """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype (under autocast, its rule)."""
-
-        def in_one_dtype(hidden, weight, bias, softcap):
-            return fn(*_one_dtype(hidden, weight, bias), softcap)
-
+    def _head(self, model, inputs, labels, fn, token_weights=None):
+        """fn(hidden, weight, bias, softcap, labels, token_weights, layout) inside the model's forward,
+        on one dtype (under autocast, its rule). layout: seq_ids and num_seqs for the fused functions.
+        Padded: hidden (S, T, D) as the batch is. Packed (padding_free): the batch's real tokens in one
+        row with position ids restarting per sequence (transformers then keeps each sequence's
+        attention to itself), hidden (N, D) with labels and token weights packed alike."""
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
-        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=in_one_dtype)
+        if not self._packed:
+            def padded(hidden, weight, bias, softcap):
+                return fn(*_one_dtype(hidden, weight, bias), softcap, labels, token_weights, {})
+
+            return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=padded)
+        real = inputs["attention_mask"].bool()
+        S = real.shape[0]
+        layout = {"seq_ids": torch.arange(S, device=real.device).repeat_interleave(real.sum(1)), "num_seqs": S}
+
+        def packed(hidden, weight, bias, softcap):
+            return fn(*_one_dtype(hidden[0], weight, bias), softcap, labels[real],
+                      None if token_weights is None else token_weights[real], layout)
+
+        positions = (real.cumsum(1) - 1)[real][None]
+        return model(input_ids=inputs["input_ids"][real][None], position_ids=positions, head_fn=packed)
 
     def _token_weights(self, labels) -> torch.Tensor | None:
         """LD-DPO's weights of the tokens past each pair's shared length (ld_alpha), else None."""
@@ -196,10 +216,9 @@ class FusedDPOTrainer(DPOTrainer):
 
     def _sequence_logps(self, model, inputs) -> torch.Tensor:
         labels = self._labels(inputs)
-        weights = self._token_weights(labels)
-        return self._head(model, inputs, lambda hidden, weight, bias, softcap: sequence_logps(
-            hidden, weight, labels, bias=bias, softcap=softcap, shift=True, token_weights=weights, impl=self._impl,
-            options=self._options))
+        return self._head(model, inputs, labels, lambda hidden, weight, bias, softcap, y, w, layout: sequence_logps(
+            hidden, weight, y, bias=bias, softcap=softcap, shift=True, token_weights=w, impl=self._impl,
+            options=self._options, **layout), token_weights=self._token_weights(labels))
 
     @torch.no_grad()
     def _reference_logps(self, model, inputs) -> torch.Tensor:
@@ -251,15 +270,14 @@ class FusedDPOTrainer(DPOTrainer):
                                     ref_logps=ref.to(labels.device))
 
         ul_mask = self._unlikelihood_mask(labels.shape[0], labels.device)
-        weights = self._token_weights(labels)
 
-        def fn(hidden, weight, bias, softcap):
+        def fn(hidden, weight, bias, softcap, y, w, layout):
             return fused_linear_sequence_loss(
-                hidden, weight, labels, objective, bias=bias, softcap=softcap, shift=True,
+                hidden, weight, y, objective, bias=bias, softcap=softcap, shift=True,
                 unlikelihood=self._unlikelihood, unlikelihood_mask=ul_mask, row_stats=_LOGGED_STATS,
-                token_weights=weights, impl=self._impl, options=self._options)
+                token_weights=w, impl=self._impl, options=self._options, **layout)
 
-        out = self._head(model, inputs, fn)
+        out = self._head(model, inputs, labels, fn, token_weights=self._token_weights(labels))
         loss = out.loss
         has_nll = nll_mask is not None or "sft" in self.args.loss_type
         self._log_metrics(mode, inputs, out, ref.to(out.logps.device), chosen, rejected, nll=has_nll,
