@@ -3,6 +3,7 @@
     python benchmarks/bench_trl.py                      # CPU, SmolLM2-135M shapes, 4 pairs per step
     python benchmarks/bench_trl.py --device cuda --arch llama3-1b --pairs 8
     python benchmarks/bench_trl.py --loss-type ipo    # any of TRL's loss types (and --f-divergence-type)
+    python benchmarks/bench_trl.py --padding-free     # FusedDPOTrainer packs the pairs; TRL 1.16 pads
 
 Both trainers get the same model (random weights from the architecture's config: speed and
 memory do not depend on them), the same reference copy, the same data and TrainingArguments;
@@ -96,7 +97,8 @@ def run(trainer_name: str, args) -> dict:
                     max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
                     bf16=args.device == "cuda", seed=0, disable_tqdm=True, loss_type=args.loss_type,
-                    f_divergence_type=args.f_divergence_type, use_weighting=args.use_weighting)
+                    f_divergence_type=args.f_divergence_type, use_weighting=args.use_weighting,
+                    padding_free=args.padding_free)
     cls = FusedDPOTrainer if trainer_name == "fused" else DPOTrainer
     clock = Clock()
     trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
@@ -125,6 +127,7 @@ def in_subprocess(trainer_name: str, args) -> dict:
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
            "--out", args.out, "--loss-type", *args.loss_type, "--f-divergence-type", args.f_divergence_type] + (
                ["--use-weighting"] if args.use_weighting else []) + (
+               ["--padding-free"] if args.padding_free else []) + (
         ["--tokenizer", args.tokenizer] if args.tokenizer else [])
     result, proc = run_child(cmd)
     if result is None:
@@ -155,7 +158,8 @@ def markdown(rows, meta) -> str:
     lines = [f"One TRL DPO step, {meta['arch']} shapes, {meta['device']} ({meta['gpu'] or meta['machine']}, "
              f"{meta['cpus']} CPUs), {meta['pairs']} pairs x <= {meta['max_length']} tokens, full fine-tuning, "
              f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, loss_type {meta['loss_type']} "
-             f"({meta['f_divergence_type']}{', WPO weights' if meta.get('use_weighting') else ''}), "
+             f"({meta['f_divergence_type']}{', WPO weights' if meta.get('use_weighting') else ''}"
+             f"{', padding_free' if meta.get('padding_free') else ''}), "
              f"{meta['date']}, commit {str(meta['commit'])[:7]}, "
              f"median of {meta['steps']} steps x {meta['rounds']} interleaved runs", "",
              f"| trainer | tokens/s | step s | {mem} |", "|---|---|---|---|" + ("---|" if cpu else "")]
@@ -196,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--loss-type", nargs="+", default=["sigmoid"], help="DPOConfig.loss_type (one or more)")
     p.add_argument("--f-divergence-type", default="reverse_kl", help="DPOConfig.f_divergence_type")
     p.add_argument("--use-weighting", action="store_true", help="DPOConfig.use_weighting (WPO)")
+    p.add_argument("--padding-free", action="store_true",
+                   help="DPOConfig.padding_free: FusedDPOTrainer packs; trl.DPOTrainer 1.16 pads (it turns it off)")
     p.add_argument("--single", choices=TRAINERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.single:
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
             print(json.dumps(runs[-1]), flush=True)
     rows = summarise(runs)
     keys = ("arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type",
-            "use_weighting")
+            "use_weighting", "padding_free")
     meta = {**{k: getattr(args, k) for k in keys},
             "torch": torch.__version__, **dist_versions("trl", "transformers"), **machine_meta(args.device),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
