@@ -248,6 +248,16 @@ def _check_weights(w: torch.Tensor | None, shape: tuple[int, ...], device: torch
     return w.detach().float()
 
 
+def token_order(batch: TokenBatch, chunk_of_seq: list[int], n_valid: int) -> torch.Tensor:
+    """Labelled tokens sorted by (chunk of their sequence, position): one device sort."""
+    N = batch.labels.numel()
+    dev = batch.labels.device
+    pos = torch.arange(N, device=dev)
+    key = torch.tensor(chunk_of_seq, dtype=torch.long, device=dev)[batch.seq_ids] * N + pos
+    key = torch.where(batch.valid, key, torch.iinfo(torch.long).max)
+    return torch.argsort(key)[:n_valid]
+
+
 def mask_token_logps(out: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """0 at ignored tokens (whatever a kernel left there), NaN at unchecked out-of-range tokens."""
     out = torch.where(batch.valid, out, 0.0)

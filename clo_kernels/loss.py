@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from . import _inputs
+from .heads import run_options, token_logps
 from .objective import CLOObjective, CLOOutput, PairObjective, batch_sums, objective_by_name, sequence_means
 from .options import LogProbOptions
-
-
-def token_logps(batch: _inputs.TokenBatch, weight, bias, *, opts: LogProbOptions,
-                impl: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N,) fp32 log-probs of batch's tokens (0 where ignored, NaN where a label is out of range) and
-    the (len(opts.row_stats), N) row statistics (0 where ignored), or None without row_stats."""
-    if impl != "reference" and opts.backward == "one_pass" and not _inputs.needs_autograd(batch.hidden, weight, bias):
-        # No gradient (the reference pass, evaluation): the one-pass loop's forward, products at
-        # matmul rate into a reused buffer.
-        from .one_pass import forward_token_logps
-
-        out, st = forward_token_logps(batch, weight, bias, opts=opts, impl=impl)
-    elif impl == "reference":
-        from .reference import reference_token_logps
-
-        out, st = reference_token_logps(batch, weight, bias, softcap=opts.softcap, stats=opts.row_stats)
-    elif impl == "torch":
-        from .linear_logprob_torch import linear_token_logps_torch
-
-        out, st = linear_token_logps_torch(batch, weight, bias, opts=opts)
-    else:
-        from .backend import triton_module
-
-        out, st = triton_module().linear_token_logps_triton(batch, weight, bias, opts=opts)
-    return _inputs.mask_token_logps(out, batch), None if st is None else _inputs.mask_token_logps(st, batch)
-
-
-def _options(options: LogProbOptions | None, *, ignore_index: int, softcap: float | None,
-             row_stats: tuple[str, ...] = ()) -> LogProbOptions:
-    if options is not None and not isinstance(options, LogProbOptions):
-        raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
-    if isinstance(row_stats, str):
-        row_stats = (row_stats,)
-    return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap,
-                               row_stats=tuple(row_stats))
+from .unlikelihood import Term
 
 
 def prepare_loss_batch(hidden, labels, objective: PairObjective, *, vocab_size, seq_ids, num_seqs, softcap, shift,
@@ -105,7 +70,7 @@ def sequence_logps(
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                                   shift=shift, ignore_index=ignore_index, validate=validate,
                                   token_weights=token_weights)
-    opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+    opts = run_options(options, ignore_index=ignore_index, softcap=softcap)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))[0]
     sums, counts = batch_sums(tok, batch)
     return sequence_means(sums, counts) if average else sums
@@ -241,7 +206,7 @@ def fused_linear_sequence_loss(
                                validate=validate, token_weights=token_weights)
     term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
                               ignore_index=ignore_index)
-    opts = _options(options, ignore_index=ignore_index, softcap=softcap,
+    opts = run_options(options, ignore_index=ignore_index, softcap=softcap,
                     row_stats=(*((row_stats,) if isinstance(row_stats, str) else row_stats), *objective.row_stats))
     impl = _inputs.resolve_impl(impl, hidden.device)
     if impl != "reference" and opts.backward == "one_pass":
@@ -268,8 +233,6 @@ def _unlikelihood_term(weight, mask, num_tokens, *, batch, ignore_index):
                              kind="bool")
     if float(weight) == 0.0:
         return None
-    from .unlikelihood import Term
-
     return Term(weight=float(weight), mask=mask, num_tokens=num_tokens, ignore_index=ignore_index)
 
 

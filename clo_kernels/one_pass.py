@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._inputs import TokenBatch, mask_token_logps, needs_autograd
+from ._inputs import TokenBatch, mask_token_logps, needs_autograd, token_order
 from .backend import addmm_fp32, mm_fp32, row_ops, triton_module, user_stacklevel
 from .objective import CLOOutput, PairObjective, check_locality, sequence_scales
 from .options import LogProbOptions
@@ -88,16 +88,6 @@ class Plan:
     bounds: tuple[tuple[int, int], ...]  # [start, end) of each chunk in ``order``
 
 
-def _token_order(batch: TokenBatch, chunk_of_seq: list[int], n_valid: int) -> torch.Tensor:
-    """Labelled tokens sorted by (chunk of their sequence, position): one device sort."""
-    N = batch.labels.numel()
-    dev = batch.labels.device
-    pos = torch.arange(N, device=dev)
-    key = torch.tensor(chunk_of_seq, dtype=torch.long, device=dev)[batch.seq_ids] * N + pos
-    key = torch.where(batch.valid, key, torch.iinfo(torch.long).max)
-    return torch.argsort(key)[:n_valid]
-
-
 def plan_chunks(batch: TokenBatch, chosen: torch.Tensor | None, rejected: torch.Tensor | None, *,
                 max_rows: int) -> Plan | str:
     """Chunks of whole groups of paired sequences with at most ``max_rows`` labelled tokens each,
@@ -108,7 +98,7 @@ def plan_chunks(batch: TokenBatch, chosen: torch.Tensor | None, rejected: torch.
         0, batch.seq_ids, batch.valid.long())
     if chosen is None:
         n = int(counts.sum())
-        order = _token_order(batch, [0] * S, n)
+        order = token_order(batch, [0] * S, n)
         return Plan(order, tuple((s, min(n, s + max_rows)) for s in range(0, n, max_rows)))
     host = torch.cat([counts, chosen.long(), rejected.long()]).tolist()  # the call's one host sync
     counts, P = host[:S], chosen.numel()
@@ -140,7 +130,7 @@ def plan_chunks(batch: TokenBatch, chosen: torch.Tensor | None, rejected: torch.
         size += n
     if size:
         bounds.append((start, start + size))
-    return Plan(_token_order(batch, chunk_of_seq, start + size), tuple(bounds))
+    return Plan(token_order(batch, chunk_of_seq, start + size), tuple(bounds))
 
 
 def fall_back(kind: str, reason: str) -> None:

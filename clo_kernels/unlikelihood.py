@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _inputs
+from .heads import run_options, token_logps
 from .linear_logprob_torch import capped
 from .objective import _as_denominator
-from .one_pass import _token_order
 from .options import LogProbOptions
 
 P_MAX = 1.0 - 1e-6  # keeps log(1 - p) finite where the model is already sure of a repeat
@@ -67,8 +67,6 @@ def unlikelihood_loss(
     Returns the fp32 scalar L_UL of the module docstring, differentiable w.r.t. hidden,
     weight and bias (0 when no sequence has two labelled tokens).
     """
-    from .loss import _options, token_logps
-
     _inputs.check_impl(impl)
     _inputs.check_softcap(softcap)
     _inputs.check_head(hidden, weight, bias, impl=impl)
@@ -78,7 +76,7 @@ def unlikelihood_loss(
     batch = _inputs.prepare_batch(hidden, labels, vocab_size=weight.shape[0], seq_ids=seq_ids, num_seqs=num_seqs,
                                   shift=shift, ignore_index=ignore_index, validate=validate)
     _inputs.check_seq_tensor("mask", mask, num_seqs=batch.num_seqs, device=hidden.device, kind="bool")
-    opts = _options(options, ignore_index=ignore_index, softcap=softcap)
+    opts = run_options(options, ignore_index=ignore_index, softcap=softcap)
     batch = restrict(batch, mask, ignore_index=ignore_index)
     tok = token_logps(batch, weight, bias, opts=opts, impl=_inputs.resolve_impl(impl, hidden.device))[0]
     return from_token_logps(batch, weight, bias, tok, mask=None, softcap=softcap, ignore_index=ignore_index,
@@ -98,7 +96,7 @@ def _sequences(batch: _inputs.TokenBatch) -> tuple[list[tuple[torch.Tensor, torc
     the number of labelled tokens). One host sync (the token counts)."""
     counts = torch.zeros(batch.num_seqs, dtype=torch.long, device=batch.labels.device).index_add_(
         0, batch.seq_ids, batch.valid.long()).tolist()
-    rows = _token_order(batch, list(range(batch.num_seqs)), sum(counts))  # each sequence a "chunk" of its own
+    rows = _inputs.token_order(batch, list(range(batch.num_seqs)), sum(counts))  # each sequence a "chunk" of its own
     out, start = [], 0
     for n in counts:
         if n > 1:

@@ -79,3 +79,45 @@ def test_import_without_the_trainer_dependencies():
     """)
     assert res.returncode == 0, res.stderr
     assert "pip install 'clo-kernels[trl]'" in res.stdout
+
+
+def test_the_library_imports_in_one_direction():
+    """No import cycle among clo_kernels' modules, counting the imports inside functions too (only
+    typing-only imports are left out): from the public functions down to the kernels."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "clo_kernels"
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and ast.unparse(node.test) == "TYPE_CHECKING" for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.module else base
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names)
+        graph[name] = deps
+    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+    graph["clo_kernels"] = set()  # the package's __init__ only re-exports
+
+    def cycle_from(start, node, path):
+        for nxt in graph[node]:
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = cycle_from(start, nxt, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    for module in graph:
+        cycle = cycle_from(module, module, [module])
+        assert cycle is None, " -> ".join(cycle)
