@@ -214,7 +214,7 @@ def fused_linear_sequence_loss(
 
         # validate on the CPU: the scales the chunks used against the whole objective's gradient
         # (a host sync, free there; an objective that claimed pair-locality falsely raises).
-        out = clo_loss(batch, weight, bias, objective, opts=opts, impl=impl, unlikelihood=term,
+        out = clo_loss(batch, weight, bias, objective, opts=opts, impl=impl, terms=() if term is None else (term,),
                        check=validate and hidden.device.type == "cpu")
         if out is not None:
             return out

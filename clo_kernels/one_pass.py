@@ -13,10 +13,10 @@ chunk holds whole pairs, its gradient is known while its logits are at hand:
     dh[chunk]  = z @ W        dW += z^T @ h[chunk] (fp32)        db += sum_t z_t
 
 6NDV FLOPs in three products per chunk, where a design that recomputes the logits in the
-backward does 8NDV. An unlikelihood term (clo_kernels.unlikelihood.Term) rides along for a
-gather and a scatter per chunk: its candidates' probabilities are read off z before the row
-pass, the row kernels run with the scale g + a W, and dL/dz is rewritten at the candidates and
-the labels. The backward only multiplies the saved gradients by grad_output, and no
+backward does 8NDV. Token terms (clo_kernels.token_terms; the unlikelihood term is one) ride
+along for a gather and a scatter per chunk: their entries' logits are read off z before the row
+pass, the row kernels run with the scale g plus the terms' additions, and dL/dz is written once
+more at the terms' entries. The backward only multiplies the saved gradients by grad_output, and no
 gradient work is done under torch.no_grad() or when no input needs a gradient (then only the
 first two lines run: that is also the forward of ``sequence_logps`` without gradients).
 
@@ -48,9 +48,10 @@ from ._inputs import TokenBatch, mask_token_logps, needs_autograd, token_order
 from .backend import addmm_fp32, mm_fp32, row_ops, triton_module, user_stacklevel
 from .objective import CLOOutput, PairObjective, check_locality, sequence_scales
 from .options import LogProbOptions
+from .token_terms import Entries
 
-if TYPE_CHECKING:  # unlikelihood imports this module
-    from .unlikelihood import Term
+if TYPE_CHECKING:
+    from .token_terms import TokenTerm
 
 _warned: set[str] = set()
 
@@ -157,12 +158,12 @@ class _Loop:
     plan: Plan
     objective: PairObjective | None  # None: token log-probs only, no loss
     need: tuple[bool, bool, bool]  # gradients of hidden, weight, bias
-    unlikelihood: Term | None = None  # folded into the loop
+    terms: tuple[TokenTerm, ...] = ()  # token terms folded into the loop
     check: bool = False  # check_locality at the end (one host sync)
     output: CLOOutput | None = None
     scales: torch.Tensor | None = None  # (S,) the g_s the chunks used, with check
     token_stats: torch.Tensor | None = None  # (len(opts.row_stats), N) row statistics, once token_logps has run
-    _ul: torch.Tensor | None = None  # the term's value, once token_logps has run
+    _term_values: list | None = None  # the terms' values, once token_logps has run
     _final: tuple | None = None  # (sums, counts, stats) at the end of the loop
 
     def token_logps(self) -> tuple[torch.Tensor, tuple]:
@@ -203,11 +204,10 @@ class _Loop:
             if need_h else None
         dw, db = None, (torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None)
         dw_sc = None  # scaled: the scale dw is in (that of the last chunk added)
-        ul_chunks = [None] * len(self.plan.bounds)
-        if self.unlikelihood is not None:
-            ul_chunks, ul_den = self.unlikelihood.by_chunk(batch, self.plan.order, self.plan.bounds, vocab_size=V)
-            ul_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for (start, end), ul in zip(self.plan.bounds, ul_chunks, strict=True):
+        per_term = [t.by_chunk(batch, self.plan.order, self.plan.bounds, vocab_size=V) for t in self.terms]
+        term_sums = [torch.zeros((), dtype=torch.float32, device=hidden.device) for _ in self.terms]
+        entries = [Entries.of([chunks[i] for chunks, _ in per_term], V) for i in range(len(self.plan.bounds))]
+        for (start, end), ex in zip(self.plan.bounds, entries, strict=True):
             rows = self.plan.order[start:end]
             h = hidden.index_select(0, rows)
             z = buf[: end - start]
@@ -216,8 +216,8 @@ class _Loop:
             else:
                 z.copy_(h @ weight.T)
             y, s = labels[rows], seq[rows]
-            if ul is not None:
-                ul.read(z, y, bias)
+            if ex is not None:
+                ex.read(z, bias)
             if in_place:
                 logp, lse, inv, st = rows_softmax_(z, y, bias=bias, stats=names)
             else:
@@ -230,8 +230,9 @@ class _Loop:
             if names:
                 self.token_stats[:, rows] = st
                 st_sums.index_add_(1, s, st)
-            if ul is not None:
-                ul_sum += ul.value(lse, softcap=opts.softcap)
+            if ex is not None:
+                for k, value in ex.values(lse, softcap=opts.softcap):
+                    term_sums[k] += value
             if not grads:
                 continue
             stats = dict(zip(names, st_sums, strict=True)) if names else None
@@ -240,18 +241,19 @@ class _Loop:
                 self.scales[s] = g
             if w_rows is not None:  # d sums[s] / d logp_t = w_t
                 g = g * w_rows
-            g_rows = g if ul is None else ul.scale(g)
+            added = None if ex is None else ex.scale(g)
+            g_rows = g if added is None else g + added
             sc = None
-            if scaled:  # dL/dz is linear in (g, the term's a): scaling g_rows and the term's parts scales it
-                sc = dz_scale(g.abs() if ul is None else g.abs() + ul.aW)
+            if scaled:  # dL/dz is linear in (g, the terms' parts): scaling g_rows and the parts scales it
+                sc = dz_scale(g.abs() if added is None else g.abs() + added.abs())
                 g_rows = g_rows * sc
             db_rows = None if scaled else db  # scaled: db is summed from the final dz below
             if in_place:  # z := dL/dz (db += its column sums)
                 rows_grad_from_softmax_(z, y, g_rows, inv, db=db_rows)
             else:
                 grad_into(z, z, y, lse, g_rows, bias=bias, softcap=opts.softcap, db=db_rows)
-            if ul is not None:
-                ul.correct(z, y, g, logp, softcap=opts.softcap, db=db_rows, factor=sc)
+            if ex is not None:
+                ex.write(z, y, g_rows, lse, softcap=opts.softcap, db=db_rows, factor=sc)
             dz = z.to(hidden.dtype)
             if sc is None:
                 if need_h:
@@ -266,8 +268,7 @@ class _Loop:
                 dw_sc = sc
             if need_b:
                 db += dz.sum(0, dtype=torch.float32).div_(sc)
-        if self.unlikelihood is not None:
-            self._ul = ul_sum / ul_den
+        self._term_values = [total / den for total, (_, den) in zip(term_sums, per_term, strict=True)]
         if grads:
             self._final = (sums, counts, dict(zip(names, st_sums, strict=True)) if names else None)
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
@@ -289,8 +290,8 @@ class _Loop:
             st = None if self.token_stats is None else mask_token_logps(self.token_stats, self.batch)
             self.output = self.objective.output(mask_token_logps(tok, self.batch), self.batch, token_stats=st,
                                                 names=self.opts.row_stats)
-            if self._ul is not None:
-                self.unlikelihood.add_to(self.output, self._ul)
+            for term, value in zip(self.terms, self._term_values or [], strict=True):
+                term.add_to(self.output, value)
         return grads
 
 
@@ -314,8 +315,8 @@ class _OnePassCLO(torch.autograd.Function):
 
 
 def clo_loss(batch: TokenBatch, weight, bias, objective: PairObjective, *, opts: LogProbOptions, impl: str,
-             unlikelihood=None, check: bool = False) -> CLOOutput | None:
-    """``objective``'s loss of ``batch`` in one pass, plus an unlikelihood.Term folded in, or None
+             terms: tuple = (), check: bool = False) -> CLOOutput | None:
+    """``objective``'s loss of ``batch`` in one pass, plus token terms (token_terms) folded in, or None
     where it needs the two-pass path: an objective that is not pair-local (chosen up front), or a
     layout the loop cannot take (said once per reason). check: check_locality after the loop."""
     hidden = batch.hidden
@@ -332,7 +333,7 @@ def clo_loss(batch: TokenBatch, weight, bias, objective: PairObjective, *, opts:
         fall_back("group size", plan)
         return None
     loop = _Loop(batch=batch, weight=weight, bias=bias, opts=opts, impl=impl, plan=plan, objective=objective,
-                 need=need, unlikelihood=unlikelihood, check=check)
+                 need=need, terms=terms, check=check)
     if not any(need):
         loop.run()
         return loop.output

@@ -156,19 +156,19 @@ def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor,
 
 # ----------------------------------------------------------------------------- the one-pass fold
 #
-# With g_t = dL/dlogp_t of the CLO objective, a = weight / den, p the row's softmax and
-# w_c = p_c / (1 - p_c) (0 where p_c is clamped at P_MAX), the row's whole gradient is
+# With g_t = dL/dlogp_t of the objective, a = weight / den, p the row's softmax and w_c =
+# p_c / (1 - p_c) (0 where p_c is clamped at P_MAX), the row's whole gradient is
 #
 #     dL/du_k = (g_t + a W_t) (onehot(y_t) - p)_k  +  a w_k [k in C_t]  -  a W_t [k = y_t],   W_t = sum_c w_c
 #
-# so the row kernels run as they are with g_t + a W_t, and the entries at the candidates and
-# the label are then written again, computed in fp32: adding a w_c to a 16-bit -(g + a W) p_c
-# would lose it where p_c is near 1 (the two nearly cancel).
+# so, as a token term (clo_kernels.token_terms), it adds a W_t to the rows' scales and the parts
+# a w_c at the candidates and -a W_t at the labels; the loop writes those entries in fp32.
 
 
 @dataclass(frozen=True)
 class Term:
-    """The unlikelihood term requested of a CLO loss call: weight * L_UL over ``mask``'s sequences."""
+    """The unlikelihood term requested of a loss call: weight * L_UL over ``mask``'s sequences
+    (a token_terms.TokenTerm)."""
 
     weight: float
     mask: torch.Tensor | None
@@ -196,61 +196,43 @@ class Term:
         tokens = tokens[perm]
         starts = torch.tensor([s for s, _ in bounds], dtype=torch.long, device=order.device)
         cuts = torch.searchsorted(local, starts).tolist() + [local.numel()]
-        chunks = [Chunk(local[c0:c1] - s, tokens[c0:c1], self.weight / den) if c1 > c0 else None
-                  for (s, _), c0, c1 in zip(bounds, cuts, cuts[1:], strict=False)]
-        return chunks, den
+        labels = batch.labels.clamp(0, vocab_size - 1)  # out of range only with validate=False: the loss is NaN
+        return [Chunk.of(local[c0:c1] - s, tokens[c0:c1], labels[order[s:e]], self.weight / den) if c1 > c0 else None
+                for (s, e), c0, c1 in zip(bounds, cuts, cuts[1:], strict=False)], den
 
 
 @dataclass
 class Chunk:
-    """One chunk's candidates: their rows in the chunk and ids, and the scale a = weight / den."""
+    """One chunk's share of the term (a token_terms.ChunkTerm): its entries are the candidates
+    (M of them) and then the chunk's n labels; a = weight / den."""
 
     rows: torch.Tensor
-    tokens: torch.Tensor
+    cols: torch.Tensor
+    num_candidates: int
     a: torch.Tensor
-    u_c: torch.Tensor | None = None  # fp32 pre-softcap logits at the candidates
-    u_y: torch.Tensor | None = None  # and at the labels
-    p: torch.Tensor | None = None  # the candidates' probabilities
-    aw: torch.Tensor | None = None  # a * w_c
+    aw: torch.Tensor | None = None  # a * w_c at the candidates
     aW: torch.Tensor | None = None  # a * W_t per row of the chunk
+    p: torch.Tensor | None = None  # the candidates' probabilities
 
-    def read(self, z: torch.Tensor, y: torch.Tensor, bias) -> None:
-        """Before the row pass (which may overwrite z): the logits the fold needs."""
-        self.u_c = z[self.rows, self.tokens].float()
-        self.u_y = z.gather(1, y[:, None]).squeeze(1).float()
-        if bias is not None:
-            self.u_c = self.u_c + bias[self.tokens].float()
-            self.u_y = self.u_y + bias[y].float()
+    @classmethod
+    def of(cls, rows: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, a: torch.Tensor) -> Chunk:
+        n = labels.numel()
+        return cls(torch.cat([rows, torch.arange(n, device=rows.device)]), torch.cat([tokens, labels]), rows.numel(),
+                   a)
 
-    def value(self, lse: torch.Tensor, *, softcap) -> torch.Tensor:
-        """sum over the chunk's candidates of -log(1 - p_t(c)), from the rows' logsumexp."""
-        self.p = (capped(self.u_c, softcap)[0] - lse[self.rows]).exp()
+    def value(self, u: torch.Tensor, lse: torch.Tensor, *, softcap) -> torch.Tensor:
+        """sum over the chunk's candidates of -log(1 - p_t(c)), from their logits and the rows' logsumexp."""
+        M = self.num_candidates
+        self.p = (capped(u[:M], softcap)[0] - lse[self.rows[:M]]).exp()
         return -torch.log1p(-self.p.clamp(max=P_MAX)).sum()
 
     def scale(self, g: torch.Tensor) -> torch.Tensor:
-        """The per-row scale the row kernels run with: g_t + a W_t."""
+        """a W_t for each row."""
         p = self.p
         self.aw = self.a * torch.where(p < P_MAX, p / (1.0 - p), 0.0)
-        self.aW = torch.zeros_like(g).index_add_(0, self.rows, self.aw)
-        return g + self.aW
+        self.aW = torch.zeros_like(g).index_add_(0, self.rows[:self.num_candidates], self.aw)
+        return self.aW
 
-    def correct(self, dz: torch.Tensor, y: torch.Tensor, g: torch.Tensor, logp: torch.Tensor, *, softcap,
-                db: torch.Tensor | None, factor: torch.Tensor | None = None) -> None:
-        """Rewrites dL/dz at the candidates and the labels (fp32, then dz's dtype); db gets the
-        difference to what the row kernels added. factor: the scale the row kernels' g carried."""
-        d_c = self.aw - (g[self.rows] + self.aW[self.rows]) * self.p
-        p_y = logp.exp()
-        d_y = g * (1.0 - p_y) - self.aW * p_y
-        if factor is not None:
-            d_c, d_y = d_c * factor, d_y * factor
-        cap_c = cap_y = None
-        if softcap is not None:
-            cap_c = 1.0 - capped(self.u_c, softcap)[1] ** 2
-            cap_y = 1.0 - capped(self.u_y, softcap)[1] ** 2
-            d_c, d_y = d_c * cap_c, d_y * cap_y
-        rows = torch.arange(y.numel(), device=y.device)
-        dz[rows, y] = d_y.to(dz.dtype)
-        dz[self.rows, self.tokens] = d_c.to(dz.dtype)
-        if db is not None:
-            db.index_add_(0, self.tokens, self.aw if cap_c is None else self.aw * cap_c)
-            db.index_add_(0, y, -self.aW if cap_y is None else -self.aW * cap_y)
+    def parts(self) -> torch.Tensor:
+        """a w_c at the candidates, -a W_t at the labels."""
+        return torch.cat([self.aw, -self.aW])

@@ -208,3 +208,40 @@ def test_folded_bad_input_is_named():
         ck.fused_linear_clo_loss(*args, **pairs, unlikelihood=1.0, unlikelihood_mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="num_unlikelihood_tokens must be > 0"):
         ck.fused_linear_clo_loss(*args, **pairs, unlikelihood=1.0, num_unlikelihood_tokens=0)
+
+
+@pytest.mark.parametrize("impl", [i for i in impls() if i != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_token_terms_in_one_loop(impl, dtype, device):
+    """The loop takes a list of token terms (clo_kernels.token_terms) without an edit for a second one:
+    two unlikelihood terms with their own weights and overlapping masks (their label entries coincide
+    where both masks hold a sequence), each added to the loss, against the float64 oracles. fp16 runs
+    the chunks' dz scale through both terms' parts."""
+    from clo_kernels.heads import run_options
+    from clo_kernels.loss import prepare_loss_batch
+    from clo_kernels.one_pass import clo_loss
+    from clo_kernels.unlikelihood import Term
+
+    batch = _case(device=device, seed=21, bias=True)
+    args = (batch["hidden"], batch["weight"], batch["labels"])
+    masks = (batch["nll_mask"] | (torch.arange(8, device=device) % 2 == 0), torch.arange(8, device=device) < 5)
+    weights = (3.0, 5.0)
+    obj = ck.CLOObjective(chosen=batch["chosen"], rejected=batch["rejected"], nll_mask=batch["nll_mask"])
+    cast = {k: batch[k].detach().to(dtype).requires_grad_() for k in ("hidden", "weight", "bias")}
+    b = prepare_loss_batch(cast["hidden"], batch["labels"], obj, vocab_size=517, seq_ids=None, num_seqs=None,
+                           softcap=8.0, shift=True, ignore_index=-100, impl=impl, validate=True)
+    terms = tuple(Term(weight=w, mask=m, num_tokens=None, ignore_index=-100)
+                  for w, m in zip(weights, masks, strict=True))
+    opts = run_options(ck.LogProbOptions(chunk_bytes=96 * 2**10), ignore_index=-100, softcap=8.0)
+    got = clo_loss(b, cast["weight"], cast["bias"], obj, opts=opts, impl=impl, terms=terms)
+    assert got is not None  # the one-pass path ran both terms
+    want = oracle(*args, chosen=batch["chosen"], rejected=batch["rejected"], nll_mask=batch["nll_mask"],
+                  bias=batch["bias"], softcap=8.0, shift=True)[0]
+    for w, m in zip(weights, masks, strict=True):
+        want = want + w * oracle_unlikelihood(*args, mask=m, bias=batch["bias"], softcap=8.0, shift=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert got.loss.item() == pytest.approx(want.item(), rel=tol)
+    g_got = dict(zip(cast, torch.autograd.grad(got.loss, list(cast.values())), strict=True))
+    g_want = grads(want, batch)
+    for name in g_got:
+        assert rel_err(g_got[name].float(), g_want[name]) < (1e-5 if dtype == torch.float32 else 2e-2), name
