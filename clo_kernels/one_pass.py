@@ -253,7 +253,7 @@ class _Loop:
             else:
                 grad_into(z, z, y, lse, g_rows, bias=bias, softcap=opts.softcap, db=db_rows)
             if ex is not None:
-                ex.write(z, y, g_rows, lse, softcap=opts.softcap, db=db_rows, factor=sc)
+                ex.write(z, y, g, added, lse, softcap=opts.softcap, db=db_rows, factor=sc)
             dz = z.to(hidden.dtype)
             if sc is None:
                 if need_h:

@@ -3,15 +3,16 @@ the first): a term reads a few entries of each chunk's logits, adds to the rows'
 and adds its part of dL/du at those entries; the loop holds a list of terms and needs no edit
 for another.
 
-With g'_t = g_t + (every term's addition to row t's scale), a row's whole gradient is
+A term's gradient off its entries is -delta_t p (a multiple of the softmax, like the log-prob's),
+so the row kernels run with g'_t = g_t + (every term's delta_t) and write g' (onehot - p) * softcap'
+everywhere. At the terms' entries the loop then writes, once and computed in fp32,
 
-    dL/du = g'_t (onehot(y_t) - p_t) * softcap'  +  (every term's parts at its entries) * softcap'
+    dL/du = (g_t (onehot(y_t) - p)  +  every term's whole part there) * softcap'
 
-The row kernels write the first part everywhere. At the terms' entries the loop then computes
-the whole entry in fp32, g' (onehot - p) from the entry's logit and the row's logsumexp plus the
-terms' parts, and writes it once (``Entries.write``): adding a part to an entry the row kernels
-already rounded to 16 bits would lose it where the two nearly cancel (the unlikelihood term's
-a w_c against -(g + a W) p_c as p_c -> 1).
+where a term's part is its own dL/du at the entry (for the unlikelihood term a w_c - a W_t p_c at
+a candidate, -a W_t p_y at the label). Adding a correction to an entry the row kernels already
+rounded to 16 bits would lose it where the two nearly cancel (a w_c against -(g + a W) p_c as
+p_c -> 1), and so would subtracting delta_t again from a part that holds it.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ class ChunkTerm(Protocol):
         (bias added, softcap not) and the rows' logsumexp."""
 
     def scale(self, g: torch.Tensor) -> torch.Tensor:
-        """(n,) its addition to the rows' gradient scales g (called after ``value``)."""
+        """(n,) delta: its gradient is -delta_t p_t(k) at every entry k of row t off its entries
+        (called after ``value``)."""
 
     def parts(self) -> torch.Tensor:
-        """(M,) fp32: its additions to dL/du at its entries, before softcap' (after ``scale``)."""
+        """(M,) fp32: its whole dL/du at its entries, before softcap' (after ``scale``)."""
 
 
 class TokenTerm(Protocol):
@@ -96,22 +98,23 @@ class Entries:
         """The terms' addition to the rows' scales."""
         return sum(t.scale(g) for t in self.terms)
 
-    def write(self, dz: torch.Tensor, y: torch.Tensor, g: torch.Tensor, lse: torch.Tensor, *, softcap,
-              db: torch.Tensor | None, factor: torch.Tensor | None) -> None:
-        """dz at the entries := g (onehot - p) + the terms' parts (times factor, softcap'), in fp32, then
-        dz's dtype; g is the scale the row kernels ran with (factor included). db, if given, gets the
-        parts (the row kernels added the rest)."""
-        add = torch.zeros_like(self.u)
+    def write(self, dz: torch.Tensor, y: torch.Tensor, g: torch.Tensor, delta: torch.Tensor, lse: torch.Tensor, *,
+              softcap, db: torch.Tensor | None, factor: torch.Tensor | None) -> None:
+        """dz at the entries := (g (onehot - p) + the terms' parts) * softcap' * factor, in fp32, then
+        dz's dtype; g: the rows' scale without the terms, delta: the terms' addition to it (the row
+        kernels ran with g + delta). db, if given, gets the difference to what the row kernels added."""
+        parts = torch.zeros_like(self.u)
         for t, w in zip(self.terms, self.where, strict=True):
-            add.index_add_(0, w, t.parts())
-        if factor is not None:
-            add = add * factor
+            parts.index_add_(0, w, t.parts())
         c, th = capped(self.u, softcap)
-        p = (c - lse[self.rows]).exp()
-        exact = g[self.rows] * ((self.cols == y[self.rows]).float() - p) + add
+        q = (self.cols == y[self.rows]).float() - (c - lse[self.rows]).exp()  # onehot - p at the entries
+        exact = g[self.rows] * q + parts
+        fix = parts - delta[self.rows] * q  # exact minus what the row kernels wrote
         if th is not None:
             cap = 1.0 - th * th
-            exact, add = exact * cap, add * cap
+            exact, fix = exact * cap, fix * cap
+        if factor is not None:
+            exact = exact * factor
         dz[self.rows, self.cols] = exact.to(dz.dtype)
-        if db is not None:
-            db.index_add_(0, self.cols, add)
+        if db is not None:  # only unscaled (factor None): scaled chunks sum db from the final dz
+            db.index_add_(0, self.cols, fix)

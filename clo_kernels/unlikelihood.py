@@ -161,8 +161,8 @@ def from_token_logps(batch: _inputs.TokenBatch, weight, bias, tok: torch.Tensor,
 #
 #     dL/du_k = (g_t + a W_t) (onehot(y_t) - p)_k  +  a w_k [k in C_t]  -  a W_t [k = y_t],   W_t = sum_c w_c
 #
-# so, as a token term (clo_kernels.token_terms), it adds a W_t to the rows' scales and the parts
-# a w_c at the candidates and -a W_t at the labels; the loop writes those entries in fp32.
+# so, as a token term (clo_kernels.token_terms), its delta is a W_t and its parts (its whole
+# dL/du at its entries) are a w_c - a W_t p_c at the candidates and -a W_t p_y at the labels.
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class Chunk:
     a: torch.Tensor
     aw: torch.Tensor | None = None  # a * w_c at the candidates
     aW: torch.Tensor | None = None  # a * W_t per row of the chunk
-    p: torch.Tensor | None = None  # the candidates' probabilities
+    p: torch.Tensor | None = None  # the probabilities at the entries
 
     @classmethod
     def of(cls, rows: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, a: torch.Tensor) -> Chunk:
@@ -222,17 +222,16 @@ class Chunk:
 
     def value(self, u: torch.Tensor, lse: torch.Tensor, *, softcap) -> torch.Tensor:
         """sum over the chunk's candidates of -log(1 - p_t(c)), from their logits and the rows' logsumexp."""
-        M = self.num_candidates
-        self.p = (capped(u[:M], softcap)[0] - lse[self.rows[:M]]).exp()
-        return -torch.log1p(-self.p.clamp(max=P_MAX)).sum()
+        self.p = (capped(u, softcap)[0] - lse[self.rows]).exp()
+        return -torch.log1p(-self.p[:self.num_candidates].clamp(max=P_MAX)).sum()
 
     def scale(self, g: torch.Tensor) -> torch.Tensor:
         """a W_t for each row."""
-        p = self.p
+        p = self.p[:self.num_candidates]
         self.aw = self.a * torch.where(p < P_MAX, p / (1.0 - p), 0.0)
         self.aW = torch.zeros_like(g).index_add_(0, self.rows[:self.num_candidates], self.aw)
         return self.aW
 
     def parts(self) -> torch.Tensor:
-        """a w_c at the candidates, -a W_t at the labels."""
-        return torch.cat([self.aw, -self.aW])
+        """a w_c - a W_t p_c at the candidates, -a W_t p_y at the labels (rows are the chunk's rows in order)."""
+        return torch.cat([self.aw, torch.zeros_like(self.aW)]) - self.aW[self.rows] * self.p
