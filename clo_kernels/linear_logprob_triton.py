@@ -95,6 +95,41 @@ def _logit_tile(
 
 
 @triton.jit
+def _fold_start(BLOCK_M: tl.constexpr):
+    """The rows' state before any tile: max, sum of exp, label logit; the statistics' sums."""
+    return (tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32),
+            tl.zeros((BLOCK_M,), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32),
+            tl.zeros((BLOCK_M,), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32),
+            tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32))
+
+
+@triton.jit
+def _fold_tile(
+    # the tile: logits [BLOCK_M, BLOCK_V] (fp32, softcap applied), its vocabulary entries and mask, the labels
+    z, offs_v, v_mask, y,
+    # the rows' running state (_fold_start)
+    m_i, l_i, tgt, x_i, q_i, s_i, mb_i,
+    # flags (constexpr)
+    STATS: tl.constexpr,
+):
+    """One vocabulary tile folded into the rows' online logsumexp (m_i, l_i) and label logit and,
+    with STATS, into the row statistics' sums: sum e z and sum e^2 (e = exp(z - m_i), rescaled as
+    m_i grows), sum z, and the max over v < y. Shared by the tile and the row kernels."""
+    z = tl.where(v_mask[None, :], z, float("-inf"))
+    tgt = tgt + tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    e = tl.exp(z - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(e, axis=1)
+    if STATS:  # where(e > 0): a -inf logit (masked vocabulary, padding) adds 0 to sum e z, not NaN
+        x_i = x_i * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
+        q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
+        s_i = s_i + tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
+    return m_new, l_i, tgt, x_i, q_i, s_i, mb_i
+
+
+@triton.jit
 def _fwd_kernel(
     # pointers: hidden, weight, bias, labels, row order, labelled count; outputs (splits, N) fp32,
     # and with STATS the (5, splits, N) fp32 partial row statistics
@@ -117,14 +152,7 @@ def _fwd_kernel(
         row_mask = offs_m < n_valid
         rows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
         y = tl.load(Y + rows, mask=row_mask, other=-1)
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        # STATS: sum e z and sum e^2 (e = exp(z - m_i), rescaled as m_i grows), sum z, max over v < y
-        x_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        q_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        mb_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        m_i, l_i, tgt, x_i, q_i, s_i, mb_i = _fold_start(BLOCK_M)
         v_start = pid_s * v_per_split
         # Loop bounds stay host integers: the Triton 3.6 interpreter cannot iterate up to a tensor.
         for v0 in range(v_start, v_start + v_per_split, BLOCK_V):
@@ -132,18 +160,8 @@ def _fwd_kernel(
             v_mask = offs_v < V
             z = _logit_tile(H, W, B, rows, row_mask, offs_v, v_mask, D, stride_h, stride_w, softcap,
                             HAS_BIAS, SOFTCAP, UPCAST, DOT_PREC, BLOCK_M, BLOCK_V, BLOCK_K)
-            z = tl.where(v_mask[None, :], z, float("-inf"))
-            tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            e = tl.exp(z - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(e, axis=1)
-            if STATS:  # where(e > 0): a -inf logit (masked vocabulary, padding) adds 0 to sum e z, not NaN
-                x_i = x_i * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
-                q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
-                s_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-                mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
-            m_i = m_new
+            m_i, l_i, tgt, x_i, q_i, s_i, mb_i = _fold_tile(z, offs_v, v_mask, y, m_i, l_i, tgt, x_i, q_i, s_i, mb_i,
+                                                            STATS)
         out = pid_s * stride_part + rows
         tl.store(LSE + out, m_i + tl.log(l_i), mask=row_mask)
         tl.store(TGT + out, tgt, mask=row_mask)

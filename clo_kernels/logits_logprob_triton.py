@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprob_triton import INTERPRETED, _tanh, check_device, on_tensor_device
+from .linear_logprob_triton import INTERPRETED, _fold_start, _fold_tile, _tanh, check_device, on_tensor_device
 from .options import ROW_STATS
 
 
@@ -65,30 +65,12 @@ def _fwd_kernel(
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # STATS: sum e z and sum e^2 (e = exp(z - m_i), rescaled as m_i grows), sum z, max over v < y
-    x_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    q_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    mb_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    m_i, l_i, tgt, x_i, q_i, s_i, mb_i = _fold_start(BLOCK_M)
     for v0 in range(0, V, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < V
         z = _capped(L, B, rows, row_mask, offs_v, v_mask, stride, softcap, HAS_BIAS, SOFTCAP)
-        z = tl.where(v_mask[None, :], z, float("-inf"))
-        tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        e = tl.exp(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(e, axis=1)
-        if STATS:  # where(e > 0): a -inf logit (masked vocabulary, padding) adds 0 to sum e z, not NaN
-            x_i = x_i * alpha + tl.sum(e * tl.where(e > 0, z, 0.0), axis=1)
-            q_i = q_i * alpha * alpha + tl.sum(e * e, axis=1)
-            s_i += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
-            mb_i = tl.maximum(mb_i, tl.max(tl.where(offs_v[None, :] < y[:, None], z, float("-inf")), axis=1))
-        m_i = m_new
+        m_i, l_i, tgt, x_i, q_i, s_i, mb_i = _fold_tile(z, offs_v, v_mask, y, m_i, l_i, tgt, x_i, q_i, s_i, mb_i, STATS)
     lse = m_i + tl.log(l_i)
     tl.store(LSE + rows, lse, mask=row_mask)
     tl.store(LOGP + rows, tgt - lse, mask=row_mask)
