@@ -13,7 +13,7 @@ from ._inputs import _FLOAT_DTYPES, TokenBatch, autocast_rule, mask_token_logps,
 from .backend import row_ops
 from .loss import prepare_loss_batch
 from .objective import CLOObjective, CLOOutput
-from .options import LogProbOptions
+from .options import stat_names
 
 
 class _LogitsLogProb(torch.autograd.Function):
@@ -96,7 +96,7 @@ def clo_loss_from_logits(
                                validate=validate)
     if batch.hidden.stride(0) != batch.hidden.shape[1] and inplace_backward:
         raise ValueError("inplace_backward needs logits whose rows are contiguous")
-    names = LogProbOptions(row_stats=row_stats).row_stats  # checked, in ROW_STATS order
+    names = stat_names(row_stats)
     tok, st = logits_token_logps(batch, softcap=softcap, impl=resolve_impl(impl, logits.device),
                                  inplace=inplace_backward, stats=names)
     return objective.output(tok, batch, token_stats=st, names=names)

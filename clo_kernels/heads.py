@@ -44,7 +44,5 @@ def run_options(options: LogProbOptions | None, *, ignore_index: int, softcap: f
              row_stats: tuple[str, ...] = ()) -> LogProbOptions:
     if options is not None and not isinstance(options, LogProbOptions):
         raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
-    if isinstance(row_stats, str):
-        row_stats = (row_stats,)
     return dataclasses.replace(options or LogProbOptions(), ignore_index=ignore_index, softcap=softcap,
-                               row_stats=tuple(row_stats))
+                               row_stats=row_stats)

@@ -8,7 +8,7 @@ from torch import nn
 from . import _inputs
 from .heads import run_options, token_logps
 from .objective import CLOObjective, CLOOutput, PairObjective, batch_sums, objective_by_name, sequence_means
-from .options import LogProbOptions
+from .options import LogProbOptions, stat_names
 from .unlikelihood import Term
 
 
@@ -207,7 +207,7 @@ def fused_linear_sequence_loss(
     term = _unlikelihood_term(unlikelihood, unlikelihood_mask, num_unlikelihood_tokens, batch=batch,
                               ignore_index=ignore_index)
     opts = run_options(options, ignore_index=ignore_index, softcap=softcap,
-                    row_stats=(*((row_stats,) if isinstance(row_stats, str) else row_stats), *objective.row_stats))
+                    row_stats=stat_names(row_stats, objective.row_stats))
     impl = _inputs.resolve_impl(impl, hidden.device)
     if impl != "reference" and opts.backward == "one_pass":
         from .one_pass import clo_loss

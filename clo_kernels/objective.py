@@ -163,6 +163,13 @@ def _nll(sums, counts, mask, num_tokens):
     return -torch.where(mask, sums, 0.0).sum() / den
 
 
+def _chosen_nll(objective, sums, counts):
+    """The NLL of ``objective``'s chosen sequences' tokens (TRL's sft term), over its num_nll_tokens
+    or their count."""
+    chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, objective.chosen.clamp(0, len(sums) - 1), True)
+    return _nll(sums, counts, chosen, objective.num_nll_tokens)
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class CLOObjective(PairObjective):
     """The CLO loss (fused_linear_clo_loss's formula): sigmoid DPO over the pairs plus the NLL of
@@ -362,9 +369,7 @@ class PreferenceObjective(PairObjective):
         loss, nll = sums.new_zeros(()), sums.new_full((), float("nan"))
         for name, w in zip(self.loss_type, weights, strict=True):
             if name == "sft":
-                chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, self.chosen.clamp(0, len(sums) - 1),
-                                                                              True)
-                nll = _nll(sums, counts, chosen, self.num_nll_tokens)
+                nll = _chosen_nll(self, sums, counts)
                 # TRL spreads the batch's NLL over the pairs, so WPO weighs it by the mean pair weight
                 term = nll if pw is None else nll * pw.sum() / self.pair_denominator(sums)
             else:
@@ -402,10 +407,6 @@ class _ReferenceFree(PairObjective):
             raise ValueError(f"{type(self).__name__} is reference-free: ref_logps must be None")
         _inputs.check_scalars(beta=self.beta, nll_weight=0.0, softcap=None)
         _inputs.check_denominator("num_nll_tokens", self.num_nll_tokens)
-
-    def _chosen_nll(self, sums, counts):
-        chosen = torch.zeros_like(sums, dtype=torch.bool).index_fill_(0, self.chosen.clamp(0, len(sums) - 1), True)
-        return _nll(sums, counts, chosen, self.num_nll_tokens)
 
     def _parts(self, logps, rewards, nll):
         return {"logps": logps, "chosen_rewards": self.beta * _pick(rewards, self.chosen),
@@ -452,7 +453,7 @@ class CPOObjective(_ReferenceFree):
         else:
             per = _smoothed(self.beta * x, self.label_smoothing)
         loss = per.sum() / self.pair_denominator(sums)
-        nll = self._chosen_nll(sums, counts)
+        nll = _chosen_nll(self, sums, counts)
         if self.cpo_alpha != 0.0:
             loss = loss + self.cpo_alpha * nll
         return loss, self._parts(logps, r, nll)
@@ -469,7 +470,7 @@ class ORPOObjective(_ReferenceFree):
         m = sequence_means(sums, counts)
         mc, mr = _pick(m, self.chosen), _pick(m, self.rejected)
         log_odds = (mc - mr) - (_log1mexp(mc) - _log1mexp(mr))
-        nll = self._chosen_nll(sums, counts)
+        nll = _chosen_nll(self, sums, counts)
         loss = nll - self.beta * F.logsigmoid(log_odds).sum() / self.pair_denominator(sums)
         return loss, self._parts(m, m, nll)
 

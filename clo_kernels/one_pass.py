@@ -186,10 +186,12 @@ class _Loop:
         tok = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         sums = torch.zeros(batch.num_seqs, dtype=torch.float32, device=hidden.device)
         names = opts.row_stats
+        stats = None  # name -> (S,) sums of the row statistics, views of st_sums
         if names:
             self.token_stats = torch.zeros((len(names), N), dtype=torch.float32, device=hidden.device)
             # the objective's scales may read its sequences' statistics: summed as the log-probs are
             st_sums = torch.zeros((len(names), batch.num_seqs), dtype=torch.float32, device=hidden.device)
+            stats = dict(zip(names, st_sums, strict=True))
         if grads:
             counts = torch.zeros_like(sums).index_add_(0, seq, batch.valid.float())
             if self.check:
@@ -235,7 +237,6 @@ class _Loop:
                     term_sums[k] += value
             if not grads:
                 continue
-            stats = dict(zip(names, st_sums, strict=True)) if names else None
             g = sequence_scales(self.objective, sums, counts, stats)[s]  # final for the chunk's whole groups
             if self.scales is not None:
                 self.scales[s] = g
@@ -270,7 +271,7 @@ class _Loop:
                 db += dz.sum(0, dtype=torch.float32).div_(sc)
         self._term_values = [total / den for total, (_, den) in zip(term_sums, per_term, strict=True)]
         if grads:
-            self._final = (sums, counts, dict(zip(names, st_sums, strict=True)) if names else None)
+            self._final = (sums, counts, stats)
         buf = z = dz = h = None  # the [chunk, V] buffer goes before dW is cast: the peak stays that of the loop
         if need_w:
             if dw is None:

@@ -17,6 +17,14 @@ BACKWARDS = ("one_pass", "staged", "atomic")
 ROW_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
+def stat_names(*groups) -> tuple[str, ...]:
+    """The ROW_STATS named in ``groups`` (each a name or names), checked, once each, in ROW_STATS order."""
+    names = [n for g in groups for n in ((g,) if isinstance(g, str) else g)]
+    if not set(names) <= set(ROW_STATS):
+        raise ValueError(f"row_stats must be names from {ROW_STATS}, got {names}")
+    return tuple(k for k in ROW_STATS if k in names)
+
+
 @dataclass(frozen=True)
 class LogProbOptions:
     ignore_index: int = -100
@@ -56,10 +64,7 @@ class LogProbOptions:
             raise ValueError(f"options.backward must be one of {BACKWARDS}, got {self.backward!r}")
         if self.chunk_bytes is not None and self.chunk_bytes < 1:
             raise ValueError(f"options.chunk_bytes must be >= 1, got {self.chunk_bytes}")
-        stats = (self.row_stats,) if isinstance(self.row_stats, str) else tuple(self.row_stats)
-        if not set(stats) <= set(ROW_STATS):
-            raise ValueError(f"row_stats must be names from {ROW_STATS}, got {list(stats)}")
-        object.__setattr__(self, "row_stats", tuple(k for k in ROW_STATS if k in stats))
+        object.__setattr__(self, "row_stats", stat_names(self.row_stats))
 
     def chunk_rows(self, V: int, element_size: int, device) -> int:
         """Tokens per [chunk, V] buffer of this many bytes per element (at least one)."""
