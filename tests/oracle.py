@@ -20,24 +20,33 @@ def sequences(hidden, labels, seq_ids):
     return out
 
 
-def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps=None, seq_ids=None,
-           beta=0.1, nll_weight=0.5, bias=None, softcap=None, shift=False, ignore_index=-100,
-           average_logps=False, num_pairs=None, num_nll_tokens=None):
-    """Returns (loss, logps (S,), metrics dict of floats); loss and logps differentiable in float64."""
+def sequence_logits(hidden, weight, labels, *, seq_ids, bias, softcap, shift, ignore_index):
+    """[(u (T_s, V) float64 logits softcap(h W^T + b) of a sequence's labelled tokens, their labels
+    (T_s,))] in sequence order, each sequence cut out and shifted on its own."""
     W = weight.double()
-    b = bias.double() if bias is not None else None
-    logps, sums, counts = [], [], []
+    out = []
     for h, y in sequences(hidden.double(), labels, seq_ids):
         if shift:
             h, y = h[:-1], y[1:]
         keep = y != ignore_index
         z = h[keep] @ W.T
-        if b is not None:
-            z = z + b
+        if bias is not None:
+            z = z + bias.double()
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        lp = torch.log_softmax(z, -1).gather(1, y[keep][:, None]).sum()
-        n = int(keep.sum())
+        out.append((z, y[keep]))
+    return out
+
+
+def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps=None, seq_ids=None,
+           beta=0.1, nll_weight=0.5, bias=None, softcap=None, shift=False, ignore_index=-100,
+           average_logps=False, num_pairs=None, num_nll_tokens=None):
+    """Returns (loss, logps (S,), metrics dict of floats); loss and logps differentiable in float64."""
+    logps, sums, counts = [], [], []
+    for z, y in sequence_logits(hidden, weight, labels, seq_ids=seq_ids, bias=bias, softcap=softcap, shift=shift,
+                                ignore_index=ignore_index):
+        lp = torch.log_softmax(z, -1).gather(1, y[:, None]).sum()
+        n = y.numel()
         sums.append(lp)
         counts.append(n)
         logps.append(lp / n if (average_logps and n > 0) else lp)
@@ -75,21 +84,13 @@ def oracle(hidden, weight, labels, *, chosen, rejected, nll_mask=None, ref_logps
 def oracle_unlikelihood(hidden, weight, labels, *, mask=None, seq_ids=None, bias=None, softcap=None, shift=False,
                         ignore_index=-100, num_tokens=None):
     """Token-level unlikelihood in float64 from the full log_softmax, candidates as Python sets."""
-    W = weight.double()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for s, (h, y) in enumerate(sequences(hidden.double(), labels, seq_ids)):
-        if shift:
-            h, y = h[:-1], y[1:]
+    for s, (z, y) in enumerate(sequence_logits(hidden, weight, labels, seq_ids=seq_ids, bias=bias, softcap=softcap,
+                                               shift=shift, ignore_index=ignore_index)):
         if mask is not None and not bool(mask[s]):
             continue
-        keep = y != ignore_index
-        z = h[keep] @ W.T
-        if bias is not None:
-            z = z + bias.double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
         logp = torch.log_softmax(z, -1)
-        ys = y[keep].tolist()
+        ys = y.tolist()
         for t, yt in enumerate(ys):
             for c in set(ys[:t]) - {yt}:
                 total = total - torch.log1p(-logp[t, c].exp())
@@ -102,23 +103,15 @@ def oracle_row_stats(hidden, weight, labels, *, seq_ids=None, bias=None, softcap
     """Per-sequence sums over the labelled tokens of the row statistics, in float64, each from its
     definition on the full softmax row p of u = softcap(h W^T + b): entropy -sum p log p, mean
     logit sum u / V, is_top1 (the label is the smallest index holding max u), log sum p^2."""
-    W = weight.double()
     out = {"entropy": [], "mean_logits": [], "is_top1": [], "log_sum_sq_probs": []}
-    for h, y in sequences(hidden.double(), labels, seq_ids):
-        if shift:
-            h, y = h[:-1], y[1:]
-        keep = y != ignore_index
-        z = h[keep] @ W.T
-        if bias is not None:
-            z = z + bias.double()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
+    for z, y in sequence_logits(hidden, weight, labels, seq_ids=seq_ids, bias=bias, softcap=softcap, shift=shift,
+                                ignore_index=ignore_index):
         p = torch.softmax(z, -1)
         out["entropy"].append(torch.where(p > 0, -p * p.log(), 0.0).sum())  # 0 log 0 = 0: a masked entry
         out["mean_logits"].append(z.mean(-1).sum())
         at_max = z == z.max(-1, keepdim=True).values
         first_max = [int(at_max[t].nonzero()[0, 0]) for t in range(z.shape[0])]
-        out["is_top1"].append(torch.tensor(float(sum(f == int(yt) for f, yt in zip(first_max, y[keep].tolist(),
+        out["is_top1"].append(torch.tensor(float(sum(f == int(yt) for f, yt in zip(first_max, y.tolist(),
                                                                                      strict=True))),
                                            dtype=torch.float64))
         out["log_sum_sq_probs"].append((p * p).sum(-1).log().sum())

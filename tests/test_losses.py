@@ -130,6 +130,17 @@ FUSED = [v for v in ("reference", "torch", "torch-chunks", "torch-two-pass", "tr
          if v in VARIANTS]
 
 
+def _counts(b) -> torch.Tensor:
+    """(2P,) float64 labelled tokens per sequence of a make_case batch under shift=True, padded or packed."""
+    labels = b["labels"].cpu()
+    if "seq_ids" not in b:
+        return (labels[:, 1:] != -100).sum(1).double()
+    ids = b["seq_ids"].cpu()
+    nxt = torch.cat([labels[1:], labels.new_full((1,), -100)])
+    same = torch.cat([ids[1:] == ids[:-1], torch.tensor([False])])
+    return torch.zeros(2 * P, dtype=torch.float64).index_add_(0, ids, ((nxt != -100) & same).double())
+
+
 @pytest.mark.parametrize("variant", FUSED)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_paths_match_the_formula(case, variant, device):
@@ -145,14 +156,7 @@ def test_fused_paths_match_the_formula(case, variant, device):
     obj = _objective(case, ref, 0.5, device)
     out = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, seq_ids=b.get("seq_ids"),
                                         num_seqs=2 * P, shift=True, **impl_kwargs(variant))
-    labels = b["labels"].cpu()
-    if packed:
-        ids = b["seq_ids"].cpu()
-        nxt = torch.cat([labels[1:], labels.new_full((1,), -100)])
-        same = torch.cat([ids[1:] == ids[:-1], torch.tensor([False])])
-        counts = torch.zeros(2 * P, dtype=torch.float64).index_add_(0, ids, ((nxt != -100) & same).double())
-    else:
-        counts = (labels[:, 1:] != -100).sum(1).double()
+    counts = _counts(b)
     want = _formula(case, logps, ref.double().cpu(), counts, 0.5)
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
     got, ref_g = grads(out, b), grads(want, b)
@@ -255,16 +259,9 @@ def test_reference_free_objectives_are_trls_formulas(case):
 @pytest.mark.parametrize("case", list(REF_FREE))
 def test_reference_free_losses_through_the_fused_paths(case, variant, device):
     b = make_case(device=device, seed=7 + len(case), packed=case == "orpo", empty_seq=None)
-    labels = b["labels"].cpu()
     logps = oracle(b["hidden"], b["weight"], b["labels"], chosen=CHOSEN, rejected=REJECTED,
                    seq_ids=None if "seq_ids" not in b else b["seq_ids"].cpu(), shift=True)[1]
-    if "seq_ids" in b:
-        ids = b["seq_ids"].cpu()
-        nxt = torch.cat([labels[1:], labels.new_full((1,), -100)])
-        same = torch.cat([ids[1:] == ids[:-1], torch.tensor([False])])
-        counts = torch.zeros(2 * P, dtype=torch.float64).index_add_(0, ids, ((nxt != -100) & same).double())
-    else:
-        counts = (labels[:, 1:] != -100).sum(1).double()
+    counts = _counts(b)
     obj = _ref_free(case, device)
     assert obj.pair_local
     out = ck.fused_linear_sequence_loss(b["hidden"], b["weight"], b["labels"], obj, seq_ids=b.get("seq_ids"),
