@@ -35,8 +35,8 @@ def triton_module(name: str = "linear_logprob_triton"):
 
 def row_ops(impl: str):
     """(rows_forward, rows_grad_into) of impl "torch" or "triton": same signatures, swappable
-    (``rows_forward(z, labels, *, bias, softcap)``, ``rows_grad_into(dl, z, labels, lse, g, *, bias,
-    softcap, db=None)``)."""
+    (``rows_forward(z, labels, *, bias, softcap, stats=()) -> (logp, lse, stats or None)``,
+    ``rows_grad_into(dl, z, labels, lse, g, *, bias, softcap, db=None)``)."""
     if impl == "torch":
         from .linear_logprob_torch import rows_forward, rows_grad_into
 
