@@ -91,6 +91,12 @@ def teardown(d: Dist, *, failed: bool = False) -> None:
     destroy_process_group waits for the peers' outstanding collectives, which may never come,
     while exiting lets torchrun see the failure and stop the other ranks."""
     if d.owns_group and dist.is_initialized() and not (failed and d.world > 1):
+        if d.world > 1:
+            # Gloo's barrier completes after all of this rank's earlier work and every peer's
+            # arrival: no rank destroys its group or exits while a collective it joined may still
+            # run on gloo's threads. A CI run once lost rank 1 at that point (SIGABRT, "terminate
+            # called without an active exception") after a 2-rank FSDP2 resume.
+            dist.barrier()
         dist.destroy_process_group()
 
 
