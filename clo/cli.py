@@ -26,6 +26,12 @@ def _train_config():
     return TrainConfig
 
 
+def _prepare_config():
+    from .prepare import PrepareConfig
+
+    return PrepareConfig
+
+
 def _eval_config():
     from .evaluate import EvalConfig
 
@@ -45,20 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p_prep = sub.add_parser("prepare", help="English SFT data -> translated quads (JSONL)",
                             description="Build CLO quads: English SFT rows (oasst1 recipe, a local file or a hub "
                                         "dataset) translated by an M2M100/NLLB model, cached and resumable.")
-    p_prep.add_argument("--source", required=True,
-                        help="oasst1 (the paper's recipe, needs the Hub), a local .jsonl/.json/.parquet with "
-                             "instruction/response fields, or a Hugging Face dataset name")
-    p_prep.add_argument("--target-lang", required=True, help="ISO 639-1 code, e.g. de, zh, ko, sw")
-    p_prep.add_argument("--translator", default="facebook/m2m100_1.2B", help="seq2seq model name or folder")
-    p_prep.add_argument("--out", required=True, help="output quads .jsonl")
-    p_prep.add_argument("--limit", type=int, help="the first N English rows")
-    p_prep.add_argument("--prompt-field", help="instruction field of a local file")
-    p_prep.add_argument("--response-field", help="response field of a local file")
-    p_prep.add_argument("--batch-size", type=int, default=16)
-    p_prep.add_argument("--max-new-tokens", type=int, default=256)
-    p_prep.add_argument("--device", default="auto")
-    p_prep.add_argument("--cache", help="translation cache .jsonl (default: <out>.cache.jsonl)")
-    p_prep.add_argument("--on-bad-row", default="skip", choices=["skip", "error"])
+    options.add_args(p_prep, _prepare_config())
 
     p_eval = sub.add_parser("eval", help="language fidelity of a model, optionally before/after",
                             description="Greedy answers to held-out target-language and English prompts, "
@@ -125,9 +118,9 @@ def _run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(json.dumps(summary, indent=2))
     elif args.command == "prepare":
-        from .prepare import prepare
+        from .prepare import PrepareConfig, prepare
 
-        prepare(args)
+        prepare(options.from_args(PrepareConfig, args))
     elif args.command == "compare":
         from .compare import run_compare
         from .evaluate import EvalConfig

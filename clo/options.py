@@ -18,9 +18,33 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default, help: str = "", *, choices: tuple | None = None):
-    """A dataclass field: ``default``, the flag's ``help`` and, for a closed set, its ``choices``."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str = "", *, choices: tuple | None = None, required: bool = False):
+    """A dataclass field: ``default``, the flag's ``help`` and, for a closed set, its ``choices``.
+    ``required``: the command refuses to run without the flag (the default is then None)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+# Options several commands share, each declared here once (a function: a dataclass field object
+# belongs to one class).
+RUN_DIR = "runs/clo"  # the training run `clo train` writes and `clo eval` / `clo generate` read
+
+
+def target_lang_option():
+    from .data import DEMO_LANG  # the bundled demo's language is the default target
+
+    return option(DEMO_LANG, "target language, ISO 639-1 code")
+
+
+def on_bad_row_option():
+    return option("skip", "skip (drop, count and log bad rows) or error (stop at the first, naming it)",
+                  choices=("skip", "error"))
+
+
+def check_target_lang(code: str, flag: str = "target_lang") -> None:
+    from .translate import LANGUAGES
+
+    if code not in LANGUAGES:
+        raise UserError(f"{flag} {code!r} is not a supported ISO 639-1 code; supported: {', '.join(sorted(LANGUAGES))}")
 
 
 def check_choices(cfg) -> None:
@@ -54,8 +78,10 @@ def add_args(parser: argparse.ArgumentParser, cls, *, only: tuple[str, ...] | No
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(cls, f)
         choices = f.metadata.get("choices")
-        extra = {"help": f"{help_prefix}{f.metadata.get('help', '')} [default: {f.default}]",
-                 "default": argparse.SUPPRESS}
+        required = f.metadata.get("required", False)
+        shown = "" if required else f" [default: {f.default}]"
+        extra = {"help": f"{help_prefix}{f.metadata.get('help', '')}{shown}", "default": argparse.SUPPRESS,
+                 "required": required}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         else:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import data
 from .errors import UserError
-from .translate import LANGUAGES, Translator, translate_rows
+from .files import atomic_write
+from .options import check_choices, check_target_lang, on_bad_row_option, option
+from .translate import Translator, translate_rows
 
 log = logging.getLogger("clo.prepare")
 
@@ -29,10 +31,28 @@ def load_english(source: str, *, limit: int | None, prompt_field: str | None, re
     return data.load_hf_sft(source, limit=limit, on_bad_row=on_bad_row)
 
 
-def prepare(args) -> Path:
-    if args.target_lang not in LANGUAGES:
-        raise UserError(f"--target-lang {args.target_lang!r} is not a supported ISO 639-1 code; "
-                         f"supported: {', '.join(sorted(LANGUAGES))}")
+@dataclass
+class PrepareConfig:
+    """Every `clo prepare` option, declared once (clo/options.py)."""
+
+    source: str | None = option(None, "oasst1 (the paper's recipe, needs the Hub), a local .jsonl/.json/.parquet with "
+                                "instruction/response fields, or a Hugging Face dataset name", required=True)
+    target_lang: str | None = option(None, "target language, ISO 639-1 code, e.g. de, zh, ko, sw", required=True)
+    out: str | None = option(None, "output quads .jsonl", required=True)
+    translator: str = option("facebook/m2m100_1.2B", "seq2seq translation model (M2M100 or NLLB): name or folder")
+    limit: int | None = option(None, "the first N English rows")
+    prompt_field: str | None = option(None, "instruction field of a local file (None: instruction, prompt or question)")
+    response_field: str | None = option(None, "response field of a local file (None: response, output, answer or completion)")
+    batch_size: int = option(16, "segments per translation batch")
+    max_new_tokens: int = option(256, "new tokens per translated segment")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    cache: str | None = option(None, "translation cache .jsonl (default: <out>.cache.jsonl)")
+    on_bad_row: str = on_bad_row_option()
+
+
+def prepare(args: PrepareConfig) -> Path:
+    check_choices(args)
+    check_target_lang(args.target_lang, "--target-lang")
     rows, report = load_english(args.source, limit=args.limit, prompt_field=args.prompt_field,
                                 response_field=args.response_field, on_bad_row=args.on_bad_row)
     log.info("English rows: %s", report.summary())
@@ -45,11 +65,7 @@ def prepare(args) -> Path:
     translator = Translator(args.translator, tgt_lang=args.target_lang, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, device=device)
     quads = translate_rows(rows, translator, cache_path=args.cache or f"{out}.cache.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w") as f:
-        for q in quads:
-            f.write(json.dumps({k: q[k] for k in ("id", *data.QUAD_FIELDS)}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.writelines(json.dumps({k: q[k] for k in ("id", *data.QUAD_FIELDS)},
+                                                         ensure_ascii=False) + "\n" for q in quads))
     log.info("%d quads -> %s", len(quads), out)
     return out

@@ -7,6 +7,7 @@
 Importing this package needs only torch: Triton is loaded on the first impl="triton" call.
 """
 
+from ._inputs import IMPLS, check_loss_scalars
 from .from_logits import clo_loss_from_logits
 from .loss import FusedLinearCLOLoss, fused_linear_clo_loss, fused_linear_sequence_loss, sequence_logps
 from .objective import (
@@ -32,6 +33,7 @@ __all__ = [
     "CLOOutput",
     "CPOObjective",
     "FusedLinearCLOLoss",
+    "IMPLS",
     "LAYOUTS",
     "LOSS_TYPES",
     "LogProbOptions",
@@ -42,6 +44,7 @@ __all__ = [
     "QUAD_SEQUENCES",
     "QuadLayout",
     "ROW_STATS",
+    "check_loss_scalars",
     "clo_loss_from_logits",
     "fused_linear_clo_loss",
     "fused_linear_sequence_loss",

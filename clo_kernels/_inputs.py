@@ -316,6 +316,15 @@ def check_unlikelihood(weight: float) -> None:
              f"unlikelihood must be a finite weight >= 0, got {weight}")
 
 
+def check_loss_scalars(*, beta: float = 0.1, nll_weight: float = 0.5, unlikelihood: float = 0.0,
+                       softcap: float | None = None) -> None:
+    """The CLO loss's scalar options, checked as ``fused_linear_clo_loss`` checks them: a
+    ValueError naming the first bad one. For callers that take the options long before the
+    first batch (a trainer's config)."""
+    check_scalars(beta=beta, nll_weight=nll_weight, softcap=softcap)
+    check_unlikelihood(unlikelihood)
+
+
 def check_ld_alpha(alpha: float) -> None:
     _require(0.0 <= float(alpha) <= 1.0, ValueError, f"ld_alpha must lie in [0, 1], got {alpha}")
 

@@ -39,8 +39,8 @@ def test_train_on_a_broken_data_file(tmp_path):
     assert f"{data} line 3: malformed JSON" in last, last
 
 
-@pytest.mark.parametrize(("flag", "value", "named"), [("--beta", "-1", "beta must be > 0"),
-                                                      ("--unlikelihood", "-0.5", "unlikelihood must be >= 0")])
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--beta", "-1", "beta must be > 0"), ("--unlikelihood", "-0.5", "unlikelihood must be a finite weight >= 0")])
 def test_train_with_a_bad_option_value(tmp_path, flag, value, named):
     proc = clo("train", flag, value, "--max-quads", "1", "--no-progress", "--output-dir", str(tmp_path / "run"),
                cwd=tmp_path)
@@ -119,8 +119,9 @@ def test_resume_from_a_checkpoint_that_would_run_code(tmp_path):
     unpickled. --resume refuses it by name, nothing runs; the loader refuses the cache the same way."""
     import torch
 
+    from clo.checkpoints import load_checkpoint
     from clo.errors import UserError
-    from clo.train import load_checkpoint, load_tensors
+    from clo.files import load_tensors
 
     marker = tmp_path / "code-ran"
     folder = tmp_path / "run" / "checkpoints" / "step-0000002"

@@ -32,7 +32,8 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 from trainer_fixtures import metrics, save_model, smollm2_tokenizer, tiny_llama
 
-from clo.train import TrainConfig, load_checkpoint, train
+from clo.checkpoints import load_checkpoint
+from clo.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4

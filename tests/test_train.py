@@ -24,9 +24,13 @@ pytest.importorskip("datasets")
 from conftest import DEVICE
 from trainer_fixtures import metrics, save_model, tiny_llama, train_config
 
+import clo.checkpoints as C
 import clo.data as D
 import clo.model as M
 import clo.train as T
+from clo.batches import denominators
+from clo.objective import Objective, micro_step_loss
+from clo.reference import reference_logps
 from clo.train import TrainConfig, train
 
 
@@ -73,11 +77,11 @@ def synthetic_quads(n: int, vocab: int, seed: int = 0) -> list[D.Encoded]:
 def _one_step_grads(encoded, *, loss_impl, layout="packed", method="clo", vocab=311):
     cfg = TrainConfig(loss_impl=loss_impl, layout=layout, method=method)
     model = tiny_llama(vocab, seed=3).to(DEVICE)  # triton runs interpreted on the CPU, natively on CUDA
-    ref = T.reference_logps(T.Objective(model, cfg=cfg, amp_dtype=None), encoded, cfg=cfg) if method != "sft" else None
+    ref = reference_logps(Objective(model, cfg=cfg, amp_dtype=None), encoded, cfg=cfg) if method != "sft" else None
     model = M.select_trainable(model, "attention")
     batch = D.collate(encoded, pad_id=0, layout=layout, method=method)
     ref_mb = None if ref is None else (ref + 0.25).reshape(-1)  # off the policy, so the pair term has a gradient
-    out = T.micro_step_loss(M.split_lm(model), batch, cfg=cfg, ref_logps=ref_mb, den=T.denominators([encoded], method),
+    out = micro_step_loss(M.split_lm(model), batch, cfg=cfg, ref_logps=ref_mb, den=denominators([encoded], method),
                             amp_dtype=None)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in M.trainable_parameters(model).items()}
@@ -164,7 +168,7 @@ def test_checkpoint_survives_a_kill_during_writing(llama_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoints" / "LATEST").read_text() == "step-0000002"
-    state = T.load_checkpoint(out)
+    state = C.load_checkpoint(out)
     assert state["step"] == 2
     train(train_config(llama_dir, out, max_steps=6, save_every=2, resume=True))
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
@@ -216,7 +220,7 @@ def test_gpt2_trains_and_final_model_loads(gpt2_dir, tmp_path):
 
     summary = train(train_config(gpt2_dir, tmp_path, max_steps=3, save_final=True, layout="padded"))
     loaded = AutoModelForCausalLM.from_pretrained(summary["final_model"])
-    state = T.load_checkpoint(tmp_path)
+    state = C.load_checkpoint(tmp_path)
     for n, w in state["trainable"].items():
         torch.testing.assert_close(loaded.state_dict()[n], w)
 
@@ -270,7 +274,7 @@ def test_unmerged_lora_on_the_embedded_gguf_model_loads(tmp_path):
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.01)
-    T.save_final_model(lora, tok, tmp_path / "final", merge_lora=False, base_spec=M.resolve_model(None))
+    C.save_final_model(lora, tok, tmp_path / "final", merge_lora=False, base_spec=M.resolve_model(None))
     loaded, _ = M.load_model(str(tmp_path / "final"))
     a = dict(lora.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
     torch.testing.assert_close(loaded.state_dict()[q], base_q + 0.01 * a.sum(0, keepdim=True).expand_as(base_q))
