@@ -41,8 +41,10 @@ class PrepareConfig:
     out: str | None = option(None, "output quads .jsonl", required=True)
     translator: str = option("facebook/m2m100_1.2B", "seq2seq translation model (M2M100 or NLLB): name or folder")
     limit: int | None = option(None, "the first N English rows")
-    prompt_field: str | None = option(None, "instruction field of a local file (None: instruction, prompt or question)")
-    response_field: str | None = option(None, "response field of a local file (None: response, output, answer or completion)")
+    prompt_field: str | None = option(None, f"instruction field of a local file (None: the first of "
+                                      f"{', '.join(data.PROMPT_ALIASES)})")
+    response_field: str | None = option(None, f"response field of a local file (None: the first of "
+                                        f"{', '.join(data.RESPONSE_ALIASES)})")
     batch_size: int = option(16, "segments per translation batch")
     max_new_tokens: int = option(256, "new tokens per translated segment")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
