@@ -63,6 +63,17 @@ class DataReport:
         if len(self.examples) < 5:
             self.examples.append(f"{row_name}: {reason}" + (f": {detail}" if detail else ""))
 
+    def attempt(self, row_name: str, on_bad_row: str, make, *args):
+        """``make(*args)``, or None when it finds the row bad (a DataError): raised again with
+        on_bad_row="error", else counted as dropped under its reason."""
+        try:
+            return make(*args)
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            self.drop(row_name, str(err).split(": ", 1)[-1])
+            return None
+
     def summary(self) -> str:
         parts = [f"{self.source}: {self.rows_in} rows in, {self.kept} kept"]
         if self.dropped:
@@ -341,20 +352,19 @@ def quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) ->
         report.rows_in += 1
         report.unsplit += row_split is None
         name = _row_name(row, i, source, line)
-        try:
-            texts = [_text_field(row, (f,), f, name) for f in QUAD_FIELDS]
-            rid = str(row.get("id") or i)
-            if rid in seen:
-                raise DataError(f"{name}: duplicate id {rid!r}")
-        except DataError as err:
-            if on_bad_row == "error":
-                raise
-            report.drop(name, str(err).split(": ", 1)[-1])
-            continue
-        seen.add(rid)
-        quads.append(Quad(rid, *texts))
+        q = report.attempt(name, on_bad_row, _quad, row, str(row.get("id") or i), name, seen)
+        if q is not None:
+            seen.add(q.id)
+            quads.append(q)
     report.kept = len(quads)
     return quads, report
+
+
+def _quad(row: dict, rid: str, name: str, seen: set[str]) -> Quad:
+    texts = [_text_field(row, (f,), f, name) for f in QUAD_FIELDS]
+    if rid in seen:
+        raise DataError(f"{name}: duplicate id {rid!r}")
+    return Quad(rid, *texts)
 
 
 def load_sft_rows(path: str | Path, *, prompt_field: str | None = None, response_field: str | None = None,
@@ -381,19 +391,19 @@ def _sft_rows(table, *, source: str, prompt_field, response_field, limit, on_bad
             _bad_row(report, bad, source, on_bad_row)
             continue
         name = _row_name(row, i, source, line)
-        try:
-            prompt = _text_field(row, p_names, "instruction", name)
-            extra = row.get("input")
-            if isinstance(extra, str) and extra.strip():
-                prompt = f"{prompt}\n\n{extra.strip()}"
-            rows.append({"id": str(row.get("id") or i), "prompt_en": prompt,
-                         "response_en": _text_field(row, r_names, "response", name)})
-        except DataError as err:
-            if on_bad_row == "error":
-                raise
-            report.drop(name, str(err).split(": ", 1)[-1])
+        r = report.attempt(name, on_bad_row, _sft_row, row, str(row.get("id") or i), name, p_names, r_names)
+        if r is not None:
+            rows.append(r)
     report.kept = len(rows)
     return rows, report
+
+
+def _sft_row(row: dict, rid: str, name: str, p_names: tuple, r_names: tuple) -> dict:
+    prompt = _text_field(row, p_names, "instruction", name)
+    extra = row.get("input")
+    if isinstance(extra, str) and extra.strip():
+        prompt = f"{prompt}\n\n{extra.strip()}"
+    return {"id": rid, "prompt_en": prompt, "response_en": _text_field(row, r_names, "response", name)}
 
 
 def oasst1_rows(messages, *, limit: int | None = None, lang: str = "en") -> tuple[list[dict], DataReport]:
@@ -517,6 +527,10 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def _encode_quad(tokenizer, q: Quad, max_length: int, name: str) -> list:
+    return [encode_pair(tokenizer, p, r, max_length=max_length, name=name) for p, r in q.sequences()]
+
+
 def encode_quads(tokenizer, quads: list[Quad], *, max_length: int, on_bad_row: str = "error",
                  source: str = "quads", progress: bool = False) -> tuple[list[Encoded], DataReport]:
     """Tokenise quads into their four sequences each, in the order of ``clo_kernels.quad.QUAD_SEQUENCES``."""
@@ -526,12 +540,8 @@ def encode_quads(tokenizer, quads: list[Quad], *, max_length: int, on_bad_row: s
     report, out = DataReport(source, rows_in=len(quads)), []
     for q in tqdm(quads, desc="tokenising", disable=not progress, leave=False):
         name = f"{source} quad {q.id!r}"
-        try:
-            seqs = [encode_pair(tokenizer, p, r, max_length=max_length, name=name) for p, r in q.sequences()]
-        except DataError as err:
-            if on_bad_row == "error":
-                raise
-            report.drop(name, str(err).split(": ", 1)[-1])
+        seqs = report.attempt(name, on_bad_row, _encode_quad, tokenizer, q, max_length, name)
+        if seqs is None:
             continue
         report.truncated += sum(t for _, _, t in seqs)
         out.append(Encoded(q.id, tuple(tuple(s[0]) for s in seqs), tuple(tuple(s[1]) for s in seqs)))
