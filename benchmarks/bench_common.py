@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the checkout on sys.path, the environment a result records,
 percentile summaries, memory probes, measurements in a fresh process, and report files.
 
-The scripts run as files (``python benchmarks/bench_x.py``, runpy for ``clo bench``, pytest), not as a
+The scripts run as files (``python benchmarks/bench_x.py``, pytest), not as a
 package, so this is imported as a sibling module: ``import bench_common``.
 """
 

@@ -3,7 +3,6 @@
     python benchmarks/bench_loss.py                        # this machine's grid (GPU grid on CUDA, reduced on CPU)
     python benchmarks/bench_loss.py --dry-run --device cuda  # print the GPU plan; touches no GPU
     python benchmarks/bench_loss.py --check-only           # only the agreement check
-    clo bench ...                                          # the same, through main(argv)
 
 Every contender gets the same inputs and computes the same CLO loss, forward and backward to the hidden
 states and the lm_head weight. This file is the command line; the parts are its sibling modules:
@@ -30,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-# The scripts run as files, not as a package (python benchmarks/bench_loss.py, runpy for `clo bench`,
-# pytest): the sibling modules are found through this folder on sys.path, which runpy does not add.
+# The scripts run as files, not as a package (python benchmarks/bench_loss.py, pytest): the sibling
+# modules are found through this folder on sys.path.
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)

@@ -1,4 +1,5 @@
-"""The ``clo`` command: prepare, train, eval, bench (also ``python -m clo ...``).
+"""The ``clo`` command: prepare, train, eval, compare, generate (also ``python -m clo ...``).
+The loss benchmarks are files of a source checkout: ``python benchmarks/bench_loss.py``.
 
 Options come from a YAML file (``--config``) and are overridden by the command line; every
 TrainConfig field is a flag (``max_steps`` -> ``--max-steps``).
@@ -84,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--seed", type=int, default=0, help="with --sample")
     p_gen.add_argument("--device", default="auto")
 
-    sub.add_parser("bench", help="loss benchmarks vs naive PyTorch and peers: runs benchmarks/bench_loss.py "
-                                 "with the remaining arguments (clo bench --help)")
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # everything after it belongs to bench_loss.py (argparse.REMAINDER drops flags)
-        return _user_errors("bench", _bench, argv[1:])
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     return _user_errors(args.command, _run, args)
 
 
@@ -177,21 +172,6 @@ def _run_base_model(args) -> str:
     run_cfg = run / "config.json"
     baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None
     return baseline or DEFAULT_MODEL
-
-
-def _bench(rest: list[str]) -> int:
-    """Runs benchmarks/bench_loss.py of this checkout (the benchmarks are not part of the wheel)."""
-    import runpy
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
-    if not script.exists():
-        raise UserError(f"needs a source checkout: {script} not found")
-    sys.argv = [str(script), *rest]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as done:
-        return done.code or 0
-    return 0
 
 
 if __name__ == "__main__":
