@@ -64,9 +64,9 @@ def setup(device: str, *, need_group: bool = False, timeout_min: float = 30) -> 
     collective: the other ranks wait in one while rank 0 writes a checkpoint, which for a
     large model under FSDP2 (full state gathered to one file) can take minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch.cuda.is_available() is False")
+    from .model import resolve_device
+
+    cuda = resolve_device(device) == "cuda"
     if world == 1 and not need_group and not dist.is_initialized():
         return SINGLE, torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

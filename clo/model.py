@@ -57,6 +57,16 @@ def default_model_path() -> Path:
     return path
 
 
+def resolve_device(spec: str | None) -> str:
+    """A --device value as torch names it: "auto" (or None) is "cuda" where torch sees a GPU, else
+    "cpu"; "cpu", "cuda" and "cuda:N" stay, refused by name when they ask for a GPU torch lacks."""
+    if spec in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return spec
+
+
 def resolve_model(spec: str | None) -> str:
     """The path or hub name a model spec stands for (None = the embedded default)."""
     if spec in (None, "", DEFAULT_MODEL):

@@ -17,6 +17,7 @@ from pathlib import Path
 from . import data
 from .errors import UserError
 from .files import atomic_write
+from .model import resolve_device
 from .options import check_choices, check_target_lang, on_bad_row_option, option
 from .translate import Translator, translate_rows
 
@@ -63,9 +64,8 @@ def prepare(args: PrepareConfig) -> Path:
     if not rows:
         raise UserError(f"no usable English rows in {args.source}: {report.summary()}")
     out = Path(args.out)
-    device = None if args.device == "auto" else args.device
     translator = Translator(args.translator, tgt_lang=args.target_lang, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, device=device)
+                            max_new_tokens=args.max_new_tokens, device=resolve_device(args.device))
     quads = translate_rows(rows, translator, cache_path=args.cache or f"{out}.cache.jsonl")
     atomic_write(out, lambda f: f.writelines(json.dumps({k: q[k] for k in ("id", *data.QUAD_FIELDS)},
                                                          ensure_ascii=False) + "\n" for q in quads))

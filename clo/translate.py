@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .model import resolve_device
+
 log = logging.getLogger(__name__)
 
 FAMILIES = ("m2m100", "nllb")
@@ -406,8 +408,7 @@ class Translator:
         if isinstance(model, (str, os.PathLike)):
             tokenizer = model if tokenizer is None else tokenizer
             model = AutoModelForSeq2SeqLM.from_pretrained(model, **({} if dtype is None else {"dtype": dtype}))
-            if device is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_device(device)
         elif tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: Translator(model, tokenizer, ...)")
         if isinstance(tokenizer, (str, os.PathLike)):
