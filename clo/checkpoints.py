@@ -37,6 +37,12 @@ RUN_FILES = ("config.json", "metrics.jsonl", "metrics.png", "checkpoints", "fina
              "tensorboard", "eval")
 
 
+def run_of(model: str | None) -> Path | None:
+    """The training run a model folder comes from: <run>/final -> <run>; None for a hub name or a
+    file. (Whether it is a run: its config.json and trained_quads.json say.)"""
+    return Path(model).parent if model and Path(model).is_dir() else None
+
+
 def save_checkpoint(out: Path, *, step, model, optimizer, scheduler, cfg, fingerprints, device_type: str,
                     d: parallel.Dist = parallel.SINGLE) -> Path | None:
     """Full trainable weights and optimizer state (gathered from the shards under FSDP2: every

@@ -33,6 +33,12 @@ def _prepare_config():
     return PrepareConfig
 
 
+def _generate_config():
+    from .generate import GenerateConfig
+
+    return GenerateConfig
+
+
 def _eval_config():
     from .evaluate import EvalConfig
 
@@ -72,18 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen = sub.add_parser("generate", help="a model's answers to your prompts (base and trained side by side)",
                            description="Answer prompts with a trained model (greedy by default), optionally next "
                                        "to the model it started from.")
-    p_gen.add_argument("prompts", nargs="+", help="one or more prompts, each one user turn")
-    p_gen.add_argument("--model", help="model to answer (default: <output-dir>/final)")
-    p_gen.add_argument("--baseline", action="store_true", help="also answer with the model the run started from "
-                                                                "(the run of --model, else of --output-dir)")
-    p_gen.add_argument("--baseline-model", help="also answer with this model (implies --baseline)")
-    p_gen.add_argument("--output-dir", default="runs/clo", help="the training run (for the defaults above)")
-    p_gen.add_argument("--max-new-tokens", type=int, default=128)
-    p_gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p_gen.add_argument("--temperature", type=float, default=0.7, help="with --sample")
-    p_gen.add_argument("--top-p", type=float, default=0.9, help="with --sample")
-    p_gen.add_argument("--seed", type=int, default=0, help="with --sample")
-    p_gen.add_argument("--device", default="auto")
+    options.add_args(p_gen, _generate_config())
 
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     return _user_errors(args.command, _run, args)
@@ -128,16 +123,15 @@ def _run(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, output_dir="runs/compare")
         run_compare(cfg, max_new_tokens=ecfg.max_new_tokens, limit=ecfg.limit)
     elif args.command == "generate":
-        from .evaluate import run_generate
+        from .generate import GenerateConfig, run_generate
 
-        if args.max_new_tokens < 1 or (args.sample and not (args.temperature > 0 and 0 < args.top_p <= 1)):
-            raise UserError("--max-new-tokens must be >= 1; with --sample, --temperature > 0 and 0 < --top-p <= 1")
-        models = [("model", _trained_model(args))]
-        if args.baseline or args.baseline_model:
-            models.insert(0, ("baseline", args.baseline_model or _run_base_model(args)))
-        sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else None
-        run_generate(args.prompts, models=models, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                     seed=args.seed, device=None if args.device == "auto" else args.device)
+        cfg = options.from_args(GenerateConfig, args)
+        cfg.check()
+        models = [("model", _trained_model(cfg))]
+        if cfg.baseline or cfg.baseline_model:
+            models.insert(0, ("baseline", cfg.baseline_model or _run_base_model(cfg)))
+        run_generate(cfg.prompts, models=models, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
+                     seed=cfg.seed, device=cfg.device)
     elif args.command == "eval":
         from .evaluate import EvalConfig, run_eval
 
@@ -148,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         baseline = None if baseline in ("none", "") else baseline
         run_eval(model=model, baseline=baseline, data=cfg.data, target_lang=cfg.target_lang,
                  out_dir=Path(cfg.output_dir) / "eval", max_new_tokens=cfg.max_new_tokens,
-                 batch_size=cfg.batch_size, limit=cfg.limit, device=None if cfg.device == "auto" else cfg.device,
+                 batch_size=cfg.batch_size, limit=cfg.limit, device=cfg.device,
                  run_dir=Path(cfg.output_dir) if cfg.model is None else None, include_trained=cfg.include_trained)
     return 0
 
@@ -166,9 +160,10 @@ def _trained_model(args) -> str:
 def _run_base_model(args) -> str:
     """The model the run started from: the run of --model when that is a run's final/, else the run
     in --output-dir; the embedded default if it names none."""
+    from .checkpoints import run_of
     from .model import DEFAULT_MODEL
 
-    run = Path(args.model).parent if args.model and Path(args.model).is_dir() else Path(args.output_dir)
+    run = run_of(args.model) or Path(args.output_dir)
     run_cfg = run / "config.json"
     baseline = json.loads(run_cfg.read_text()).get("model") if run_cfg.exists() else None
     return baseline or DEFAULT_MODEL

@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from . import data
+from . import data, report
 from . import evaluate as ev
 from .errors import UserError
 
@@ -51,17 +51,16 @@ def run_compare(cfg, *, max_new_tokens: int = ev.EvalConfig.max_new_tokens, limi
                                   save_final=True))
     runs = [("baseline", cfg.model)] + [(name, str(out / name / "final")) for name, _, _ in ARMS]
     results = ev.evaluate_models(runs, heldout, target_lang=cfg.target_lang, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, device=None if cfg.device == "auto" else cfg.device,
+                                 batch_size=batch_size, device=cfg.device,
                                  progress=cfg.progress, extra={"rows": which})
     for name, method, _ in ARMS:  # quads seen: rows the arm's data report dropped are not among them
         seen = json.loads((out / name / "trained_quads.json").read_text())["quads"]
         results[name].update(method=method, train_quads=len(seen))
     json_path, md_path, png_path = out / "compare.json", out / "compare.md", out / "compare.png"
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=ev._json_default) + "\n",
-                         encoding="utf-8")
+    report.write_json(results, json_path)
     md_path.write_text(markdown(results, cfg, quads_seen=cfg.max_steps * cfg.batch_quads * cfg.grad_accum),
                        encoding="utf-8")
-    ev.plot_report(results, png_path)
+    report.plot_report(results, png_path)
     print(md_path.read_text(encoding="utf-8"))
     return {"results": results, "quads": sizes, "json_path": json_path, "md_path": md_path, "png_path": png_path}
 
@@ -81,13 +80,14 @@ def markdown(results: dict, cfg, *, quads_seen: int) -> str:
         trained = "-" if label == "baseline" else f"{r['method']}, {r['train_quads']} quads"
         en, en_base = r["english_heldout_nll"], base["english_heldout_nll"]
         vs = "" if label == "baseline" else f" ({100 * (en - en_base) / en_base:+.1f}%)"
-        lines.append(f"| {label} | {trained} | {ev._pct(r['target_fidelity'])} | {ev._pct(r['english_fidelity'])} | "
-                     f"{ev._nll(r['heldout_nll'])} | {ev._nll(en)}{vs} | "
-                     f"{ev._share(q['repeated_trigram_share'])} | {q['looping']} of {q['answers']} |")
-    lines += ["", f"## Answers to the first {ev.NUM_SIDE_BY_SIDE} {lang} prompts", "",
+        lines.append(f"| {label} | {trained} | {report.fmt_pct(r['target_fidelity'])} | "
+                     f"{report.fmt_pct(r['english_fidelity'])} | {report.fmt_nll(r['heldout_nll'])} | "
+                     f"{report.fmt_nll(en)}{vs} | "
+                     f"{report.fmt_share(q['repeated_trigram_share'])} | {q['looping']} of {q['answers']} |")
+    lines += ["", f"## Answers to the first {report.NUM_SIDE_BY_SIDE} {lang} prompts", "",
               "| prompt | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     by_label = {label: [s for s in r["samples"] if s["kind"] == "target"] for label, r in results.items()}
-    for i, s in enumerate(by_label["baseline"][:ev.NUM_SIDE_BY_SIDE]):
-        lines.append(f"| {ev._cell(s['prompt'], 80)} | "
-                     + " | ".join(ev._sample(by_label[label][i]) for label in results) + " |")
+    for i, s in enumerate(by_label["baseline"][:report.NUM_SIDE_BY_SIDE]):
+        lines.append(f"| {report.cell(s['prompt'], 80)} | "
+                     + " | ".join(report.sample_cell(by_label[label][i]) for label in results) + " |")
     return "\n".join(lines) + "\n"

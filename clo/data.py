@@ -605,6 +605,14 @@ def pad_sequences(ids, labels, *, pad_id: int) -> dict:
     }
 
 
+def scored_tokens(labels) -> int:
+    """Labelled tokens a shifted loss scores: all but a sequence's first label (no token predicts
+    it). ``labels``: one sequence (a tuple) or a (B, T) tensor."""
+    if isinstance(labels, torch.Tensor):
+        return int((labels[:, 1:] != IGNORE).sum())
+    return sum(t != IGNORE for t in labels[1:])
+
+
 def response_tokens(enc: Encoded, seqs: tuple[int, ...]) -> int:
     """Labelled tokens the shifted loss counts for sequences ``seqs`` of one quad."""
-    return sum(sum(t != IGNORE for t in enc.labels[k][1:]) for k in seqs)
+    return sum(scored_tokens(enc.labels[k]) for k in seqs)

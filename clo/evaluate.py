@@ -4,8 +4,8 @@ CLO's goal is two-sided: target-language prompts should get target-language answ
 English prompts should keep getting English ones. ``evaluate_model`` measures both on held-out
 quads by greedy generation and language identification (py3langid), and adds the held-out NLL
 of the reference target-language answers (computed with the fused ``clo_kernels.sequence_logps``,
-so no ``[tokens x vocab]`` logits are built). ``compare`` and ``write_report`` turn a
-before/after pair of results into a markdown report; ``run_eval`` is what ``clo eval`` calls.
+so no ``[tokens x vocab]`` logits are built). ``clo.report`` turns results into the markdown,
+JSON and PNG report; ``run_eval`` is what ``clo eval`` calls (``clo generate``: ``clo.generate``).
 
 Greedy decoding makes the figures deterministic for a given model and prompt set, so a change
 between two runs is the model's, not the sampler's.
@@ -25,18 +25,17 @@ from pathlib import Path
 
 import torch
 
-from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids
+from clo.checkpoints import run_of
+from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids, scored_tokens
 from clo.errors import UserError
-from clo.model import DEFAULT_MODEL, hidden_states, split_lm
-from clo.options import option
+from clo.model import DEFAULT_MODEL, hidden_states, load_model, resolve_device, split_lm
+from clo.options import MAX_LENGTH, RUN_DIR, check_target_lang, option, target_lang_option
+from clo.report import write_report
 from clo_kernels import sequence_logps
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
-SAMPLE_CHARS = 200  # characters of each answer shown side by side in the report
-NUM_SIDE_BY_SIDE = 5
-NUM_SIDE_BY_SIDE_EN = 3
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,8 @@ class EvalConfig:
     baseline: str | None = option(None, "model to compare with ('none' to skip; default: the base model named in "
                                   f"<output-dir>/config.json, else the embedded {DEFAULT_MODEL})")
     data: str | None = option(None, "held-out quads file (default: the demo set's held-out split)")
-    target_lang: str = option("de", "target language, ISO 639-1 code")
-    output_dir: str = option("runs/clo", "the training run; the report goes to <dir>/eval")
+    target_lang: str = target_lang_option()
+    output_dir: str = option(RUN_DIR, "the training run; the report goes to <dir>/eval")
     max_new_tokens: int = option(48, "new tokens per answer (greedy)")
     batch_size: int = option(16, "prompts per generate call")
     limit: int | None = option(None, "evaluate only the first N held-out quads")
@@ -65,6 +64,7 @@ class EvalConfig:
                                    ("limit", self.limit)) if value is not None and value < 1]
         if bad:
             raise UserError("; ".join(bad))
+        check_target_lang(self.target_lang, "--target-lang")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
 HELDOUT_PAIRS = {"target": ("prompt_tgt", "response_tgt"), "english": ("prompt_en", "response_en")}
 
 
-def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", max_length: int = 256,
+def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", max_length: int = MAX_LENGTH,
                 batch_size: int = 8) -> float:
     """Mean per-token NLL (nats) of the reference answers given their prompts: kind "target",
     the target responses to the target prompts (sequence 2 of each quad, the CLO NLL term), or
@@ -275,7 +275,7 @@ def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", ma
                 logps = sequence_logps(hidden, split.head.weight, labels, bias=split.head.bias,
                                        softcap=split.softcap, shift=True, ignore_index=IGNORE)
                 total_nll -= float(logps.double().sum())
-                total_tokens += int((labels[:, 1:] != IGNORE).sum())  # shift: the first label is never predicted
+                total_tokens += scored_tokens(labels)
     finally:
         model.train(was_training)
     return total_nll / total_tokens if total_tokens else math.nan
@@ -287,7 +287,7 @@ def heldout_nll(model, tokenizer, quads: list[Quad], *, kind: str = "target", ma
 
 def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str,
                    max_new_tokens: int = EvalConfig.max_new_tokens, batch_size: int = EvalConfig.batch_size,
-                   limit: int | None = None, max_length: int = 256,
+                   limit: int | None = None, max_length: int = MAX_LENGTH,
                    progress: bool = True) -> dict:
     """Language fidelity of ``model`` on held-out ``quads`` (the first ``limit`` of them).
 
@@ -335,195 +335,7 @@ def evaluate_model(model, tokenizer, quads: list[Quad], *, target_lang: str,
 
 
 # ----------------------------------------------------------------------------------------------
-# Reports
-
-
-def _cell(text: str, limit: int = SAMPLE_CHARS) -> str:
-    """One markdown table cell: one line, pipes escaped, at most ``limit`` characters."""
-    text = " ".join(str(text).split())
-    if len(text) > limit:
-        text = text[: limit - 1].rstrip() + "…"
-    return text.replace("|", "\\|") or "(empty)"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _nll(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
-
-
-def _share(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
-
-
-def _langs(counts: dict) -> str:
-    return ", ".join(f"{lang} {n}" for lang, n in Counter(counts).most_common()) or "none"
-
-
-def summary(result: dict, *, title: str | None = None) -> str:
-    """The markdown summary of one ``evaluate_model`` result."""
-    lang = result["target_lang"]
-    lines = [f"### {title or result.get('model', 'model')}", "",
-             f"{result['num_prompts']} held-out prompts per language, up to {result.get('max_new_tokens', '?')} "
-             "new tokens, greedy." + (f" Rows: {result['rows']}." if result.get("rows") else ""), "",
-             *([f"**Not held out: {len(result['trained_rows'])} of these rows were trained on** "
-                f"(ids {', '.join(result['trained_rows'][:10])}).", ""] if result.get("trained_rows") else []),
-             "| metric | value |", "|---|---|",
-             f"| target fidelity ({lang} prompts answered in {lang}) | {_pct(result['target_fidelity'])} |",
-             f"| English fidelity (en prompts answered in en) | {_pct(result['english_fidelity'])} |",
-             f"| held-out NLL ({lang} responses, nats/token) | {_nll(result['heldout_nll'])} |",
-             f"| held-out NLL (en responses, nats/token) | {_nll(result.get('english_heldout_nll'))} |",
-             f"| answer languages, {lang} prompts | {_langs(result['target_answer_langs'])} |",
-             f"| answer languages, en prompts | {_langs(result['english_answer_langs'])} |"]
-    for kind, name in (("target", lang), ("english", "en")):
-        q = result.get("quality", {}).get(kind)
-        if q:
-            lines += [f"| repeated word trigrams, {name} answers | {_share(q['repeated_trigram_share'])} |",
-                      f"| looping / prompt-echoing {name} answers | {q['looping']} / {q['echoing']} of "
-                      f"{q['answers']} |"]
-    return "\n".join(lines + [""])
-
-
-def compare(before: dict, after: dict) -> str:
-    """Markdown: before/after/change of the fidelities, the held-out NLLs and the answers' quality,
-    then both models' answers to the first few target and English prompts side by side."""
-    b_name, a_name = before.get("model", "before"), after.get("model", "after")
-    lang = after["target_lang"]
-
-    def row(name, key, fmt, change):
-        b, a = before.get(key, math.nan), after.get(key, math.nan)
-        return f"| {name} | {fmt(b)} | {fmt(a)} | {change(a - b, b)} |"
-
-    lines = [f"## Before vs after ({lang})", "", f"before: `{b_name}`, after: `{a_name}`", "",
-             "| metric | before | after | change |", "|---|---|---|---|",
-             row("target fidelity", "target_fidelity", _pct, lambda d, b: f"{100 * d:+.1f} pts"),
-             row("English fidelity", "english_fidelity", _pct, lambda d, b: f"{100 * d:+.1f} pts"),
-             row("held-out NLL", "heldout_nll", _nll, lambda d, b: _signed(d)),
-             row("held-out NLL, English", "english_heldout_nll", _nll, _relative)]
-    if "quality" in before and "quality" in after:
-        for kind, name in (("target", lang), ("english", "en")):
-            b, a = before["quality"][kind], after["quality"][kind]
-            lines += [f"| repeated word trigrams, {name} answers | {_share(b['repeated_trigram_share'])} | "
-                      f"{_share(a['repeated_trigram_share'])} | "
-                      f"{_signed(a['repeated_trigram_share'] - b['repeated_trigram_share'], 3)} |",
-                      f"| looping {name} answers | {b['looping']} of {b['answers']} | {a['looping']} of "
-                      f"{a['answers']} | {a['looping'] - b['looping']:+d} |"]
-    for kind, name, n in (("target", lang, NUM_SIDE_BY_SIDE), ("english", "en", NUM_SIDE_BY_SIDE_EN)):
-        lines += ["", f"### Sample answers to {name} prompts", "", "| prompt | before | after |", "|---|---|---|"]
-        after_by_id = {s["id"]: s for s in after["samples"] if s["kind"] == kind}
-        for s in [s for s in before["samples"] if s["kind"] == kind and s["id"] in after_by_id][:n]:
-            a = after_by_id[s["id"]]
-            lines.append(f"| {_cell(s['prompt'])} | {_sample(s)} | {_sample(a)} |")
-    return "\n".join(lines) + "\n"
-
-
-def _sample(s: dict) -> str:
-    return f"{_cell(s['response'])} ({s['lang']}{', loops' if s.get('loops') else ''})"
-
-
-def _signed(d: float, digits: int = 4) -> str:
-    return "n/a" if d is None or math.isnan(d) else f"{d:+.{digits}f}"
-
-
-def _relative(d: float, base: float) -> str:
-    return "n/a" if math.isnan(d) else f"{d:+.4f} ({100 * d / base:+.1f}%)"
-
-
-def write_report(results: dict[str, dict], out_dir: str | Path, *, name: str = "eval") -> tuple[Path, Path]:
-    """Write ``{name}.json`` (every result, samples included) and ``{name}.md`` (a summary per
-    model; with exactly two results, ``compare`` of the first (before) and the second (after)).
-    Returns (json_path, md_path)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n",
-                         encoding="utf-8")
-    md_path.write_text(report_markdown(results), encoding="utf-8")
-    plot_report(results, out_dir / f"{name}.png")
-    return json_path, md_path
-
-
-PLOTTED = (  # (measure, label) of the report's plot
-    ("target_fidelity", "{lang} prompts\nanswered in {lang}"),
-    ("english_fidelity", "en prompts\nanswered in en"),
-    ("target_loops", "looping\n{lang} answers"),
-    ("target_repeats", "repeated trigrams\n{lang} answers"),
-    ("english_loops", "looping\nen answers"),
-)
-
-
-def _plotted(result: dict) -> dict:
-    q = result.get("quality", {})
-    share = {k: q[k]["looping"] / max(q[k]["answers"], 1) for k in q}
-    return {"target_fidelity": result["target_fidelity"], "english_fidelity": result["english_fidelity"],
-            "target_loops": share.get("target", math.nan), "english_loops": share.get("english", math.nan),
-            "target_repeats": q.get("target", {}).get("repeated_trigram_share", math.nan)}
-
-
-def plot_report(results: dict[str, dict], path: Path) -> Path | None:
-    """Grouped bars, one group per measure (shares in [0, 1]), one bar per model. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    lang = next(iter(results.values()))["target_lang"]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    width = 0.8 / len(results)
-    for i, (label, result) in enumerate(results.items()):
-        values = _plotted(result)
-        ax.bar([j + i * width for j in range(len(PLOTTED))], [values[k] for k, _ in PLOTTED], width,
-               label=f"{label}: {Path(str(result.get('model', label))).name}")
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(PLOTTED))],
-                  [text.format(lang=lang) for _, text in PLOTTED], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share")
-    ax.legend(fontsize=8)
-    ax.set_title("language fidelity (higher is better) and degenerate answers (lower is better)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def report_markdown(results: dict[str, dict]) -> str:
-    parts = ["# Language fidelity evaluation", ""]
-    parts += [summary(r, title=f"{label}: {r.get('model', '')}".rstrip(": ")) for label, r in results.items()]
-    if len(results) == 2:
-        before, after = results.values()
-        parts.append(compare(before, after))
-    else:
-        for label, r in results.items():
-            parts.append(samples_markdown(r, title=f"Sample answers of {label}"))
-    return "\n".join(parts)
-
-
-def samples_markdown(result: dict, *, title: str = "Sample answers", n: int = NUM_SIDE_BY_SIDE) -> str:
-    """The answers to the first ``n`` target prompts, with their detected language."""
-    lines = [f"### {title} ({result['target_lang']} prompts)", "", "| prompt | answer | language |", "|---|---|---|"]
-    for s in [s for s in result["samples"] if s["kind"] == "target"][:n]:
-        lines.append(f"| {_cell(s['prompt'])} | {_cell(s['response'])} | {s['lang']} ({s['prob']:.2f}) |")
-    return "\n".join(lines) + "\n"
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
-# ----------------------------------------------------------------------------------------------
 # clo eval
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _release_memory() -> None:
@@ -577,16 +389,14 @@ def evaluate_models(runs: list[tuple[str, str | None]], quads: list[Quad], *, ta
                               batch_size=batch_size, progress=progress)
 
     return {label: {"model": spec or DEFAULT_MODEL, **(extra or {}), **result}
-            for (label, spec), result in zip(runs, _one_at_a_time(runs, evaluate, device=device, dtype=dtype),
+            for (label, spec), result in zip(runs, one_at_a_time(runs, evaluate, device=device, dtype=dtype),
                                              strict=True)}
 
 
-def _one_at_a_time(runs: list[tuple[str, str | None]], fn, *, device: str | None, dtype: torch.dtype | None) -> list:
+def one_at_a_time(runs: list[tuple[str, str | None]], fn, *, device: str | None, dtype: torch.dtype | None) -> list:
     """[fn(model, tokenizer) for each (label, spec) of ``runs``], each model freed before the next
     loads (two models need not fit at once). dtype None: float32 on CPU, bfloat16 where CUDA supports it."""
-    from clo.model import load_model
-
-    device = device or _default_device()
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     out = []
@@ -617,8 +427,7 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     labels are "baseline" and "model", in that order (before, after)."""
     quads, which = load_eval_quads(data)
     quads = quads[:limit] if limit is not None else quads
-    model_run = Path(model).parent if model and Path(model).is_dir() else None  # <run>/final
-    candidates = [Path(p) for p in (run_dir, model_run) if p is not None]
+    candidates = [Path(p) for p in (run_dir, run_of(model)) if p is not None]
     trained, run = trained_on(quads, candidates)
     if trained and not include_trained:
         raise UserError(f"{len(trained)} of the {len(quads)} rows to score ({which}) were trained on by the run in "
@@ -635,29 +444,3 @@ def run_eval(*, model: str | None, baseline: str | None, data: str | Path | None
     markdown = md_path.read_text(encoding="utf-8")
     print(markdown)
     return {"results": results, "json_path": json_path, "md_path": md_path, "markdown": markdown}
-
-
-# ----------------------------------------------------------------------------------------------
-# clo generate
-
-
-def run_generate(prompts: list[str], *, models: list[tuple[str, str | None]], max_new_tokens: int,
-                 sampling: dict | None = None, seed: int = 0, device: str | None = None) -> dict:
-    """``clo generate``: each model's answer to each prompt, printed side by side with the
-    answer's language (and "loops" where it goes round). ``models``: (label, spec) pairs, spec
-    None = the embedded default; loaded one at a time. Returns {label: [answers]}."""
-    def answer(lm, tokenizer):
-        torch.manual_seed(seed)
-        return generate_responses(lm, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8,
-                                  progress=False, sampling=sampling)
-
-    texts = _one_at_a_time(models, answer, device=device, dtype=torch.float32)
-    answers = {label: t for (label, _), t in zip(models, texts, strict=True)}
-    names = {label: spec or DEFAULT_MODEL for label, spec in models}
-    for i, prompt in enumerate(prompts):
-        print(f"\n> {prompt}")
-        for label, texts in answers.items():
-            lang, _ = detect_language(texts[i].replace(prompt.strip(), " "))
-            flag = ", loops" if loops(texts[i]) else ""
-            print(f"\n[{label}: {names[label]}] ({lang}{flag})\n{texts[i]}")
-    return answers

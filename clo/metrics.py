@@ -5,7 +5,6 @@ on request), the peak memory each row reports, and the curves as a PNG.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import resource
 from pathlib import Path
@@ -13,8 +12,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_write_text
-
-log = logging.getLogger(__name__)
+from .report import pyplot
 
 
 class MetricsLog:
@@ -62,13 +60,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def plot_metrics(jsonl: Path, png: Path) -> Path | None:
     """Training curves (loss, NLL, reward accuracy and margin) as a PNG, if matplotlib is there."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no %s", png)
+    plt = pyplot(png)
+    if plt is None:
         return None
     rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
     if not rows:

@@ -18,15 +18,19 @@ from pathlib import Path
 from .errors import UserError
 
 
-def option(default, help: str = "", *, choices: tuple | None = None, required: bool = False):
+def option(default, help: str = "", *, choices: tuple | None = None, required: bool = False,
+           positional: bool = False):
     """A dataclass field: ``default``, the flag's ``help`` and, for a closed set, its ``choices``.
-    ``required``: the command refuses to run without the flag (the default is then None)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "required": required})
+    ``required``: the command refuses to run without the flag (the default is then None);
+    ``positional``: one or more words after the command instead of a flag (a list)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "required": required,
+                                                        "positional": positional})
 
 
 # Options several commands share, each declared here once (a function: a dataclass field object
 # belongs to one class).
 RUN_DIR = "runs/clo"  # the training run `clo train` writes and `clo eval` / `clo generate` read
+MAX_LENGTH = 256  # tokens per sequence: what training sees, and the held-out NLL scores
 
 
 def target_lang_option():
@@ -74,6 +78,9 @@ def add_args(parser: argparse.ArgumentParser, cls, *, only: tuple[str, ...] | No
         raise ValueError(f"{cls.__name__} has no option(s) {sorted(unknown)}")
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
+            continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", help=f"{help_prefix}{f.metadata.get('help', '')}")
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _scalar_type(cls, f)

@@ -51,7 +51,15 @@ from .errors import UserError
 from .metrics import MetricsLog, peak_memory_mb, plot_metrics
 from .model import DEFAULT_MODEL, load_model, resolve_model, select_trainable, trainable_parameters
 from .objective import LM_PREFIX, Objective
-from .options import RUN_DIR, check_choices, check_target_lang, on_bad_row_option, option, target_lang_option
+from .options import (
+    MAX_LENGTH,
+    RUN_DIR,
+    check_choices,
+    check_target_lang,
+    on_bad_row_option,
+    option,
+    target_lang_option,
+)
 from .reference import cached_reference, model_fingerprint
 
 log = logging.getLogger("clo.train")
@@ -90,8 +98,8 @@ class TrainConfig:
     unlikelihood: float = option(1.0, "weight of token-level unlikelihood on the chosen responses (Welleck et al. "
                                  "2020): pushes down tokens a response already used, against loops; 0: off")
     # data
-    max_length: int = option(256, "tokens per sequence; longer responses are cut, prompts that do not fit are bad "
-                             "rows")
+    max_length: int = option(MAX_LENGTH, "tokens per sequence; longer responses are cut, prompts that do not fit "
+                             "are bad rows")
     max_quads: int | None = option(None, "use only the first N quads")
     # packed pays off only with a varlen attention kernel (flash_attention_2): SDPA's masked path
     # attends over the whole packed row (benchmarks/NOTES.md, "Packed or padded").

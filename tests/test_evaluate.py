@@ -14,6 +14,8 @@ import torch
 from trainer_fixtures import smollm2_tokenizer, tiny_llama
 
 import clo.evaluate as ev
+import clo.generate as gen
+import clo.report as rp
 from clo.data import IGNORE, Quad, encode_pair
 
 QUADS = [
@@ -180,21 +182,21 @@ def test_fidelity_compare_and_report(model, tokenizer, monkeypatch, tmp_path):
     assert after["target_fidelity"] == 1.0 and after["english_fidelity"] == 1.0
 
     before["model"], after["model"] = "base-model", "clo-model"
-    md = ev.compare(before, after)
+    md = rp.compare(before, after)
     assert "| target fidelity | 0.0% | 100.0% | +100.0 pts |" in md
     assert "| English fidelity | 66.7% | 100.0% | +33.3 pts |" in md
     assert "| held-out NLL |" in md and "+0.0000" in md  # same model both times
     assert "base-model" in md and "clo-model" in md
     assert QUADS[0].prompt_tgt in md and QUADS[0].response_tgt in md and QUADS[0].response_en in md
 
-    json_path, md_path = ev.write_report({"baseline": before, "model": after}, tmp_path / "out", name="demo")
+    json_path, md_path = rp.write_report({"baseline": before, "model": after}, tmp_path / "out", name="demo")
     data = json.loads(json_path.read_text(encoding="utf-8"))
     assert set(data) == {"baseline", "model"}
     assert len(data["model"]["samples"]) == 6 and data["model"]["target_answer_langs"] == {"de": 3}
     text = md_path.read_text(encoding="utf-8")
     assert md_path.name == "demo.md" and "Before vs after" in text and "100.0%" in text
 
-    _, md_path = ev.write_report({"model": after}, tmp_path / "out")  # one model: its own samples
+    _, md_path = rp.write_report({"model": after}, tmp_path / "out")  # one model: its own samples
     text = md_path.read_text(encoding="utf-8")
     assert "Before vs after" not in text and "Sample answers of model" in text and QUADS[1].response_tgt in text
 
@@ -211,9 +213,9 @@ def test_repeated_prompt_does_not_count(model, tokenizer, monkeypatch):
 
 def test_compare_cells_are_one_line_and_truncated():
     long = "Ein sehr | langer\nText " * 40
-    cell = ev._cell(long)
-    assert len(cell) <= ev.SAMPLE_CHARS + 20 and "\n" not in cell and "\\|" in cell and cell.endswith("…")
-    assert ev._cell("") == "(empty)"
+    cell = rp.cell(long)
+    assert len(cell) <= rp.SAMPLE_CHARS + 20 and "\n" not in cell and "\\|" in cell and cell.endswith("…")
+    assert rp.cell("") == "(empty)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,11 +275,11 @@ def test_reports_show_quality_and_english_nll(model, tokenizer, monkeypatch, tmp
     assert before["samples"][0]["loops"] and not after["samples"][0]["loops"]
     assert after["english_heldout_nll"] == pytest.approx(ev.heldout_nll(model, tokenizer, QUADS, kind="english"))
     assert after["english_heldout_nll"] != pytest.approx(after["heldout_nll"])  # another sequence of the quad
-    md = ev.compare(before, after)
+    md = rp.compare(before, after)
     assert "| looping de answers | 3 of 3 | 0 of 3 | -3 |" in md
     assert "| held-out NLL, English |" in md and "(+0.0%)" in md
     assert "### Sample answers to en prompts" in md and "(de, loops)" in md
-    json_path, md_path = ev.write_report({"baseline": before, "model": after}, tmp_path / "out")
+    json_path, md_path = rp.write_report({"baseline": before, "model": after}, tmp_path / "out")
     assert (tmp_path / "out" / "eval.png").stat().st_size > 0
     assert "repeated word trigrams, de answers" in md_path.read_text(encoding="utf-8")
 
@@ -311,9 +313,9 @@ def test_clo_generate_side_by_side_greedy_and_sampled(llama_dir, capsys):
     out = capsys.readouterr().out
     assert out.count(f"[baseline: {llama_dir}]") == 2 and out.count(f"[model: {llama_dir}]") == 2
     assert "> Wie backe ich Brot?" in out and "> How do I bake bread?" in out
-    answers = ev.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=6)["a"]
+    answers = gen.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=6)["a"]
     assert all(out.count(f"\n{a}\n") == 2 for a in answers)  # greedy: the same model answers alike twice
-    sampled = [ev.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=12,
+    sampled = [gen.run_generate(prompts, models=[("a", llama_dir)], max_new_tokens=12,
                                sampling={"temperature": 1.0, "top_p": 1.0}, seed=s)["a"] for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]  # seeded; 12 random-model tokens differ
     capsys.readouterr()
