@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import HAVE_TRITON
@@ -121,3 +124,66 @@ def test_the_library_imports_in_one_direction():
     for module in graph:
         cycle = cycle_from(module, module, [module])
         assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_library_imports_nothing_from_the_app():
+    """clo_kernels stands alone: with the app (`clo`) not installed, every module under it imports
+    (one whose optional dependency, such as trl or triton, is missing is skipped) and none tries `clo`."""
+    res = _run("""
+        import importlib, json, pkgutil, sys
+        from importlib.abc import MetaPathFinder
+
+        class NoApp(MetaPathFinder):
+            tried = []  # every attempt, so that one the library catches still shows
+
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] == "clo":
+                    self.tried.append(name)
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoApp())
+        skipped, app_errors = {}, []
+
+        def failed(name, err):
+            if (err.name or "").partition(".")[0] == "clo":
+                app_errors.append(f"{name}: {err!r}")
+            else:
+                skipped[name] = repr(err)
+
+        import clo_kernels
+
+        names = ["clo_kernels"] + [m.name for m in pkgutil.walk_packages(
+            clo_kernels.__path__, "clo_kernels.", onerror=lambda name: failed(name, sys.exc_info()[1]))]
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                failed(name, err)
+        print(json.dumps({"modules": names, "skipped": skipped, "app_errors": app_errors, "tried": NoApp.tried}))
+    """)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert out["app_errors"] == [] and out["tried"] == [], out
+    root = Path(__file__).resolve().parent.parent
+    files = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+             for p in (root / "clo_kernels").rglob("*.py")}
+    assert set(out["modules"]) == files  # the walk saw every module
+
+
+def test_no_library_source_names_the_app():
+    """No import of `clo` anywhere in clo_kernels' source, inside functions too (which the import
+    test above does not run)."""
+    root = Path(__file__).resolve().parent.parent / "clo_kernels"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.relative_to(root.parent)}:{node.lineno} {n}" for n in names
+                      if n.partition(".")[0] == "clo"]
+    assert not found, found

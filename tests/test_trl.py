@@ -1,5 +1,5 @@
 """The TRL drop-ins against TRL itself: FusedDPOTrainer logs what trl.DPOTrainer logs, step by
-step; CLOTrainer's loss is fused_linear_clo_loss on the quads' four sequences.
+step; CLOTrainer's (clo.trl_trainer) loss is fused_linear_clo_loss on the quads' four sequences.
 
 Real parts throughout: TRL's trainers, a tiny random Llama with SmolLM2's tokenizer and chat
 template, datasets.Dataset. Runs compare with plain SGD in fp32 (bf16=False: TRL would
@@ -22,7 +22,8 @@ from trl import DPOConfig, DPOTrainer
 
 import clo_kernels as ck
 from clo import data as D
-from clo_kernels.integrations.trl import CLOConfig, CLOTrainer, FusedDPOTrainer
+from clo.trl_trainer import CLOConfig, CLOTrainer
+from clo_kernels.integrations.trl import FusedDPOTrainer
 
 STEPS = 3
 LOGGED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -251,7 +252,7 @@ def test_clo_trainer_refuses_bad_quads_and_counts_skipped_ones(tok, tmp_path, ca
     data = Dataset.from_list(rows)
     with pytest.raises(D.DataError, match="response_tgt"):
         clo_trainer(tok, tmp_path, data=data)
-    with caplog.at_level("WARNING", logger="clo_kernels.integrations.trl"):
+    with caplog.at_level("WARNING", logger="clo.trl_trainer"):
         trainer = clo_trainer(tok, tmp_path, data=data, on_bad_row="skip")
     assert len(trainer.train_dataset) == 3  # the empty response dropped, the held-out row kept out
     assert "dropped 1" in caplog.text and "kept out: 1 rows of split 'heldout'" in caplog.text

@@ -1,4 +1,4 @@
-"""TRL drop-ins on the fused CLO loss: DPO without logits, and CLO on TRL's machinery.
+"""The TRL drop-in on the fused loss: DPO without logits.
 
     from clo_kernels.integrations.trl import FusedDPOTrainer as DPOTrainer   # the one-line change
 
@@ -24,11 +24,8 @@ kept), num_tokens, and nll where there is an NLL term. padding_free=True (which 
 off for DPO) packs each padded batch into one row of its real tokens with restarting position
 ids before the model runs: no padding token goes through the model or the head.
 
-``CLOTrainer`` with ``CLOConfig`` (DPOConfig plus nll_weight): CLO for people who train with
-TRL (accelerate, DeepSpeed, their loggers). The dataset holds quads in the ``clo`` data format
-(prompt_en, response_en, prompt_tgt, response_tgt; rows whose "split" is not "train" never
-train); each quad becomes the four sequences of ``clo.data`` in the CLO order, with both pair
-kinds and the NLL on the target-language chosen response.
+CLO itself on TRL (the ``clo`` app's quads, their encoding and bad-row policy) is
+``clo.trl_trainer.CLOTrainer``, a subclass of this trainer.
 """
 
 from __future__ import annotations
@@ -36,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import logging
-from dataclasses import dataclass, field
 
 import torch
 
@@ -51,12 +46,9 @@ except ImportError as err:
 
 from .. import _inputs
 from ..loss import fused_linear_sequence_loss, sequence_logps
-from ..objective import CLOObjective, PreferenceObjective, ld_token_weights
+from ..objective import PreferenceObjective, ld_token_weights
 from ..options import LogProbOptions
-from ..quad import LAYOUTS, quad_pairs
 from . import hf
-
-log = logging.getLogger(__name__)
 
 # DPOConfig settings that change the loss, with the one value FusedDPOTrainer implements.
 _FIXED = {"sync_ref_model": False, "use_liger_kernel": False}
@@ -104,8 +96,9 @@ def _model_problems(model, args, processing_class, peft_config) -> list[str]:
     return bad
 
 
-def _bind(*args, **kwargs) -> dict:
-    """trl.DPOTrainer's arguments by name, defaults filled in, however they were passed."""
+def bind_dpo_arguments(*args, **kwargs) -> dict:
+    """trl.DPOTrainer's arguments by name, defaults filled in, however they were passed (for
+    subclasses that read or fill some of them before FusedDPOTrainer.__init__)."""
     bound = inspect.signature(DPOTrainer.__init__).bind(None, *args, **kwargs)
     bound.apply_defaults()
     return {k: v for k, v in list(bound.arguments.items())[1:]}
@@ -126,9 +119,13 @@ class FusedDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "clo-kernels"]
 
     def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
-        given = _bind(model, *args, **kwargs)
+        given = bind_dpo_arguments(model, *args, **kwargs)
         cfg = given["args"] or DPOConfig(output_dir="trainer_output")
         _inputs.check_impl(impl)
+        # DPOConfig has no unlikelihood weight; a subclass's config may add one (on the sequences
+        # of _unlikelihood_mask).
+        unlikelihood = getattr(cfg, "unlikelihood", 0.0)
+        _inputs.check_unlikelihood(unlikelihood)
         if options is not None and not isinstance(options, LogProbOptions):
             raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
         bad = self._config_problems(cfg)
@@ -136,8 +133,7 @@ class FusedDPOTrainer(DPOTrainer):
         if bad:
             raise ValueError(f"{type(self).__name__} does not support: " + "; ".join(bad)
                              + ". trl.DPOTrainer has its own head for these.")
-        self._impl, self._options = impl, options
-        self._unlikelihood = getattr(cfg, "unlikelihood", 0.0)  # CLOConfig's; DPO has none
+        self._impl, self._options, self._unlikelihood = impl, options, unlikelihood
         self._packed = bool(cfg.padding_free)
         if self._packed:  # TRL pads as it always does (and would warn that it does); the head packs
             given["args"] = cfg = copy.copy(cfg)
@@ -145,7 +141,8 @@ class FusedDPOTrainer(DPOTrainer):
         super().__init__(**given)
 
     # ------------------------------------------------------------------------------------------
-    # What differs between DPO and CLO: the options, the sequences' layout and the reference's place
+    # What a subclass changes (CLO: clo.trl_trainer): the options, the sequences' layout and the
+    # reference's place
 
     def _config_problems(self, args) -> list[str]:
         bad = [f"{k}={getattr(args, k)!r} (supported: {v!r})" for k, v in self._FIXED.items() if getattr(args, k) != v]
@@ -315,146 +312,3 @@ class FusedDPOTrainer(DPOTrainer):
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-
-
-# ----------------------------------------------------------------------------------------------
-# CLO
-
-
-@dataclass
-class CLOConfig(DPOConfig):
-    """DPOConfig plus the CLO loss's own settings; beta is the pair terms' beta."""
-
-    nll_weight: float = field(default=0.5, metadata={"help": "lambda: weight of the target-language NLL; the two "
-                                                             "pair kinds get 1 - lambda"})
-    unlikelihood: float = field(default=0.0, metadata={"help": "weight of token-level unlikelihood on the chosen "
-                                                                 "responses (clo train's --unlikelihood; 0: the "
-                                                                 "paper's loss)"})
-    on_bad_row: str = field(default="error", metadata={"help": "a bad quad: 'error' stops naming it, 'skip' drops "
-                                                               "it and counts it in the log"})
-
-
-@dataclass
-class QuadCollator:
-    """Quads (tokenised by CLOTrainer) to the four CLO sequences each: input_ids, labels (prompts
-    at -100), attention_mask (4Q, T) right-padded, and ref_logps (4Q,) where precomputed."""
-
-    pad_token_id: int
-
-    def __call__(self, examples: list[dict]) -> dict:
-        from clo import data as clo_data
-
-        quads = [clo_data.Encoded(e["quad_id"], tuple(map(tuple, e["input_ids"])), tuple(map(tuple, e["labels"])))
-                 for e in examples]
-        batch = clo_data.collate(quads, pad_id=self.pad_token_id)
-        out = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
-        if "ref_logps" in examples[0]:
-            out["ref_logps"] = torch.tensor([x for e in examples for x in e["ref_logps"]], dtype=torch.float32)
-        return out
-
-
-class CLOTrainer(FusedDPOTrainer):
-    """CLO on TRL: ``CLOTrainer(model, args=CLOConfig(...), train_dataset=quads, processing_class=tok)``.
-
-    loss = nll_weight * NLL(y_tgt | x_tgt) + (1 - nll_weight) * DPO over (x_en: y_en > y_tgt) and
-    (x_tgt: y_tgt > y_en), one micro-batch of Q quads = 4Q sequences; the reference precomputed
-    (precompute_ref_log_probs) or on the fly, as in FusedDPOTrainer."""
-
-    _FIXED = {**_FIXED, "loss_type": ["sigmoid"], "f_divergence_type": "reverse_kl", "label_smoothing": 0.0,
-              "use_weighting": False, "ld_alpha": None}
-    _tag_names = ["trl", "clo", "clo-kernels"]
-
-    def __init__(self, model, *args, impl: str = "auto", options: LogProbOptions | None = None, **kwargs):
-        given = _bind(model, *args, **kwargs)
-        if given["args"] is None:
-            given["args"] = CLOConfig(output_dir="trainer_output")
-        elif not isinstance(given["args"], CLOConfig):
-            raise TypeError(f"CLOTrainer needs args=CLOConfig(...), got {type(given['args']).__name__}")
-        _inputs.check_scalars(beta=given["args"].beta, nll_weight=given["args"].nll_weight, softcap=None)
-        _inputs.check_unlikelihood(given["args"].unlikelihood)
-        tok = given["processing_class"]
-        if tok is None:
-            raise ValueError("CLOTrainer needs processing_class (the tokenizer whose chat template encodes the quads)")
-        if given["data_collator"] is None:
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            given["data_collator"] = QuadCollator(pad)
-        super().__init__(impl=impl, options=options, **given)
-
-    def _config_problems(self, args) -> list[str]:
-        bad = super()._config_problems(args)
-        if args.loss_weights is not None:
-            bad.append(f"loss_weights={args.loss_weights} (CLOConfig weighs the terms with nll_weight)")
-        return bad
-
-    @staticmethod
-    def _objective(args, *, chosen, rejected, nll_mask=None, ref_logps=None):
-        """The CLO loss: sigmoid DPO over both pair kinds plus nll_weight times the target NLL."""
-        return CLOObjective(chosen=chosen, rejected=rejected, nll_mask=nll_mask if args.nll_weight > 0 else None,
-                            ref_logps=ref_logps, beta=args.beta, nll_weight=args.nll_weight)
-
-    @staticmethod
-    def _labels(inputs) -> torch.Tensor:
-        return inputs["labels"]
-
-    def _layout(self, num_seqs: int, device):
-        chosen, rejected, nll_mask = quad_pairs(num_seqs // len(LAYOUTS["clo"].sequences), device=device)
-        return chosen, rejected, nll_mask if self.args.nll_weight > 0 else None
-
-    def _unlikelihood_mask(self, num_seqs: int, device) -> torch.Tensor:
-        layout = LAYOUTS["clo"]
-        return layout.mask(layout.positives, num_seqs // len(layout.sequences), device)
-
-    @staticmethod
-    def _stored_reference(inputs) -> torch.Tensor:
-        return inputs["ref_logps"].float()
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Quads to their four tokenised sequences (clo.data's chat-template encoding); bad rows
-        raise or are dropped and counted (args.on_bad_row)."""
-        from datasets import Dataset
-
-        from clo import data as clo_data
-
-        if not isinstance(dataset, Dataset):
-            raise TypeError(f"CLOTrainer: the {dataset_name} dataset must be a datasets.Dataset of quads, "
-                            f"got {type(dataset).__name__}")
-        if "quad_id" in dataset.column_names:  # prepared already (evaluate() prepares again)
-            return dataset
-        source = f"{dataset_name} dataset"
-        quads, report = clo_data.quads_from_rows(dataset, source=source, on_bad_row=args.on_bad_row,
-                                                 split="train" if dataset_name == "train" else None)
-        encoded, enc = clo_data.encode_quads(processing_class, quads, max_length=args.max_length or 2**31,
-                                             on_bad_row=args.on_bad_row, source=source)
-        report.dropped.update(enc.dropped)
-        report.examples += enc.examples
-        report.truncated, report.kept = enc.truncated, enc.kept
-        (log.warning if report.dropped or report.truncated else log.info)("CLOTrainer: %s", report.summary())
-        if not encoded:
-            raise ValueError(f"CLOTrainer: no quads left to train on: {report.summary()}")
-        return Dataset.from_dict({"quad_id": [e.id for e in encoded],
-                                  "input_ids": [[list(s) for s in e.input_ids] for e in encoded],
-                                  "labels": [[list(s) for s in e.labels] for e in encoded]})
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["quad_id", "input_ids", "labels", "ref_logps"]
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        """A "ref_logps" column, (4,) per quad in the CLO order."""
-        from accelerate.utils import tqdm
-        from torch.utils.data import DataLoader
-
-        if "ref_logps" in dataset.column_names:
-            return dataset
-        loader = self.accelerator.prepare(DataLoader(
-            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
-        model, rows = self.ref_model or self.model, []
-        for batch in tqdm(loader, desc=f"reference log-probs ({name})"):
-            logps = self._precomputed_reference_logps(model, batch).view(-1, len(LAYOUTS["clo"].sequences))
-            rows.append(self.accelerator.gather_for_metrics(logps).cpu())
-        return dataset.add_column("ref_logps", torch.cat(rows).tolist())
-
-    def compute_ref_log_probs(self, model, inputs):
-        """(4Q,) reference log-probs of a collated batch of quads."""
-        return self._precomputed_reference_logps(model, inputs)
