@@ -39,6 +39,11 @@ def micro_batches(step: int, cfg: TrainConfig, n: int, *, world: int = 1) -> lis
     return out
 
 
+def quads_seen(cfg: TrainConfig, n: int, *, world: int = 1) -> list[int]:
+    """The indices of the quads a run of ``cfg.max_steps`` steps trains on, sorted."""
+    return sorted({i for step in range(cfg.max_steps) for mb in micro_batches(step, cfg, n, world=world) for i in mb})
+
+
 def rank_share(global_batch: list[int], cfg: TrainConfig, rank: int) -> list[int]:
     return global_batch[rank * cfg.batch_quads:(rank + 1) * cfg.batch_quads]
 

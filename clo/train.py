@@ -45,7 +45,7 @@ import clo_kernels as ck
 
 from . import data
 from . import distributed as parallel
-from .batches import denominators, micro_batches, rank_share
+from .batches import denominators, micro_batches, quads_seen, rank_share
 from .checkpoints import check_output_dir, resume, save_checkpoint, save_final_model, write_trained_quads
 from .errors import UserError
 from .metrics import MetricsLog, peak_memory_mb, plot_metrics
@@ -262,14 +262,21 @@ class Run:
 
 
 def _train(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> dict:
-    # Refusals first, before any model is loaded or file changes: rank 0 decides for all.
+    # The setup phases, in the only order that works:
+    # 0. refusals (a folder holding another run, a --resume that would change the run) before any
+    #    model is loaded or file changes; rank 0 decides for all.
     replaced = _on_rank0(lambda: check_output_dir(cfg, world=d.world, device_type=device.type), d)
+    # 1. data and model: bad data fails before the (slow) model load, and both before any file changes.
     run = setup_model_and_data(cfg, d, device)
+    # 2. what trains, wrapped for DDP/FSDP2: the trainable parameters exist only after wrapping.
     setup_objective(run)
-    seen = sorted({i for step in range(cfg.max_steps)
-                   for mb in micro_batches(step, cfg, len(run.encoded), world=d.world) for i in mb})
+    seen = quads_seen(cfg, len(run.encoded), world=d.world)
+    # 3. only now, with model and data loaded, --overwrite removes the previous run's files.
     start_output_dir(run, replaced=replaced, seen=seen)
+    # 4. the reference log-probs while the weights are still the base model's: before resume
+    #    loads trained weights into them.
     setup_reference(run, seen=seen)
+    # 5. optimizer over the wrapped parameters, then the checkpoint's state loaded into both.
     setup_optimizer(run)
 
     from tqdm.auto import tqdm
