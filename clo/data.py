@@ -16,7 +16,6 @@ disappears without a count. A file with no rows at all is always an error.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import logging
@@ -28,7 +27,8 @@ import torch
 
 from clo_kernels.quad import LAYOUTS, QUAD_SEQUENCES
 
-from .errors import UserError
+from . import tables
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ PROMPT_ALIASES = ("instruction", "prompt", "question", "prompt_en")
 RESPONSE_ALIASES = ("response", "output", "answer", "completion", "response_en")
 DEMO_LANG = "de"
 IGNORE = -100
-
-
-class DataError(UserError):
-    """A data row (or a whole source) that cannot be used; the message names the row."""
 
 
 @dataclass
@@ -110,14 +106,6 @@ class Quad:
 # Sources
 
 
-def _row_name(row, index: int, source: str, line: int | None = None) -> str:
-    """How messages name a row: "F line N" (1-based) for a line of a JSON Lines file, else
-    "F row I" (0-based: a JSON array element, a Parquet or Hub row), with its id if it has one."""
-    rid = row.get("id") if isinstance(row, dict) else None
-    where = f"line {line}" if line is not None else f"row {index}"
-    return f"{source} {where}" + (f" (id {rid!r})" if rid not in (None, "") else "")
-
-
 def _text_field(row: dict, names: tuple[str, ...], what: str, name: str) -> str:
     for key in names:
         if key in row and row[key] is not None:
@@ -130,196 +118,13 @@ def _text_field(row: dict, names: tuple[str, ...], what: str, name: str) -> str:
     raise DataError(f"{name}: no {what} field; expected one of {list(names)}, found {sorted(row)}")
 
 
-@dataclass(frozen=True)
-class _BadRow:
-    """A line (or JSON array element) of a file that is not a row: counted and reported by the
-    row loops like any bad row; ``reason`` is what the report counts, ``detail`` says where."""
-
-    index: int
-    line: int | None
-    reason: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}" if self.detail else self.reason
-
-
-class _LineTable:
-    """The rows of a local JSON Lines / JSON file, in file order: (line, row) pairs, line None
-    for the elements of a JSON array, and _BadRow for what is not a row. Every row has every
-    column (None where it lacks one), as ``datasets`` fills them."""
-
-    def __init__(self, entries: list):
-        columns: dict[str, None] = {}
-        for e in entries:
-            if not isinstance(e, _BadRow):
-                columns.update(dict.fromkeys(e[1]))
-        self.column_names = list(columns)
-        self.entries = [e if isinstance(e, _BadRow) else (e[0], {c: e[1].get(c) for c in columns})
-                        for e in entries]
-
-    @property
-    def has_rows(self) -> bool:
-        return any(not isinstance(e, _BadRow) for e in self.entries)
-
-
-def _entries(table):
-    """(index, line, row, bad) for each row of a _LineTable (bad: its _BadRow, row None) or of
-    any iterable of row dicts (a ``datasets.Dataset``: line None)."""
-    if isinstance(table, _LineTable):
-        for i, e in enumerate(table.entries):
-            if isinstance(e, _BadRow):
-                yield i, e.line, None, e
-            else:
-                yield i, e[0], e[1], None
-    else:
-        for i, row in enumerate(table):
-            yield i, None, row, None
-
-
-def _json_kind(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _utf8_problem(err: UnicodeDecodeError, where: str) -> str:
-    return f"{err.reason} at {where} (0x{err.object[err.start]:02x})"
-
-
-def _read_json_lines(path: Path) -> list:
-    """One row per non-blank line; a line that is not valid UTF-8, not JSON or not a JSON object
-    becomes a _BadRow naming its line. Blank lines are skipped (they are not rows)."""
-    entries: list = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if n == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                entries.append(_BadRow(len(entries), n, "invalid UTF-8",
-                                       _utf8_problem(err, f"byte {err.start + 1} of the line")))
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                entries.append(_BadRow(len(entries), n, "malformed JSON", f"{err.msg} at column {err.colno}"))
-                continue
-            if isinstance(row, dict):
-                entries.append((n, row))
-            else:
-                entries.append(_BadRow(len(entries), n, "not a JSON object", f"got {_json_kind(row)}"))
-    return entries
-
-
-def _read_json_array(path: Path, source: str) -> list:
-    """The elements of a .json file holding one JSON array (it starts with "["); an element that is not an object is
-    a _BadRow. A file that is not valid JSON is one DataError naming the line."""
-    data = path.read_bytes()
-    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - data.rfind(b"\n", 0, err.start)
-        raise DataError(f"{source} line {line}: invalid UTF-8: "
-                        f"{_utf8_problem(err, f'byte {column} of the line')}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{source} line {err.lineno}: malformed JSON: {err.msg} at column {err.colno} "
-                        "(a .json file is read as one JSON array of objects)") from None
-    return [(None, item) if isinstance(item, dict) else
-            _BadRow(i, None, "not a JSON object", f"got {_json_kind(item)}") for i, item in enumerate(doc)]
-
-
-def _starts_with_bracket(path: Path) -> bool:
-    """Whether the first non-blank character of a file is "[" (a JSON array, not JSON Lines)."""
-    with open(path, "rb") as f:
-        head = f.read(len(codecs.BOM_UTF8))
-        head = head[len(codecs.BOM_UTF8):] if head == codecs.BOM_UTF8 else head
-        while True:
-            head = head.lstrip()
-            if head:
-                return head.startswith(b"[")
-            head = f.read(1 << 16)
-            if not head:
-                return False
-
-
-def _read_parquet(path: Path, source: str):
-    import datasets
-    import pyarrow as pa
-    from datasets.exceptions import DatasetGenerationError
-
-    try:
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except (DatasetGenerationError, pa.ArrowException, OSError) as err:
-        cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err
-        raise DataError(f"data file {source!r}: not a readable Parquet file "
-                        f"({type(cause).__name__}: {cause})") from err
-
-
-def _load_table(path: str | Path, *, on_bad_row: str = "error"):
-    """The rows of a local file: JSON Lines (.jsonl, or a .json that is not an array) and JSON
-    arrays (.json) read here line by line, Parquet through ``datasets`` (Arrow-backed,
-    memory-mapped). A file with no rows, unreadable, or (with on_bad_row="error") with a bad
-    line is a DataError naming the file and the line; with "skip" the bad lines stay in the
-    table as _BadRow and the row loops count them."""
-    source = str(path)
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {source!r} does not exist")
-    kind = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"data file {source!r}: unsupported extension {path.suffix!r} "
-                        "(expected .jsonl, .json or .parquet)")
-    if kind == "parquet":
-        table = _read_parquet(path, source)
-        if len(table) == 0:
-            raise DataError(f"data file {source!r}: no rows (the Parquet table is empty)")
-        return table
-    try:
-        if kind == "json" and _starts_with_bracket(path):
-            entries, what = _read_json_array(path, source), "an empty JSON array"
-        else:
-            entries = _read_json_lines(path)
-            what = "only blank lines" if path.stat().st_size else "the file is empty"
-    except OSError as err:
-        raise DataError(f"data file {source!r} cannot be read: {err.strerror or err}") from None
-    if not entries:
-        raise DataError(f"data file {source!r}: no rows ({what})")
-    first = entries[0]
-    if isinstance(first, _BadRow) and first.reason == "malformed JSON" and first.line is not None:
-        _check_not_one_object(path, source)
-    bad = next((e for e in entries if isinstance(e, _BadRow)), None)
-    if bad is not None and on_bad_row == "error":
-        raise DataError(f"{_row_name(None, bad.index, source, bad.line)}: {bad}")
-    return _LineTable(entries)
-
-
-def _check_not_one_object(path: Path, source: str) -> None:
-    """A file whose first line is not JSON may be one JSON object spread over several lines:
-    say so rather than report each of its lines."""
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except ValueError:  # not one JSON document either (UnicodeDecodeError is a ValueError)
-        return
-    raise DataError(f"data file {source!r}: one JSON {_json_kind(doc).split()[-1]} spread over several lines; "
-                    "expected JSON Lines (one object per line) or, in a .json file, a JSON array of objects")
-
-
 def load_quads(path: str | Path, *, on_bad_row: str = "error",
                split: str | None = None) -> tuple[list[Quad], DataReport]:
     """Pre-translated quads from a JSONL/JSON/Parquet file with fields prompt_en, response_en,
     prompt_tgt, response_tgt (and optionally id, split). ``split`` keeps rows whose "split"
     field equals it."""
     _check_on_bad_row(on_bad_row)
-    table = _load_table(path, on_bad_row=on_bad_row)
+    table = tables.load_table(path, on_bad_row=on_bad_row)
     missing = [f for f in QUAD_FIELDS if f not in table.column_names]
     if missing and getattr(table, "has_rows", True):  # not when every line was bad: the report says why
         raise DataError(f"{path}: missing column(s) {missing}; a pre-translated file needs {list(QUAD_FIELDS)} "
@@ -327,9 +132,9 @@ def load_quads(path: str | Path, *, on_bad_row: str = "error",
     return quads_from_rows(table, source=str(path), on_bad_row=on_bad_row, split=split)
 
 
-def _bad_row(report: DataReport, bad: _BadRow, source: str, on_bad_row: str) -> None:
+def _bad_row(report: DataReport, bad: tables.BadRow, source: str, on_bad_row: str) -> None:
     """A line of the file that is not a row: raise (on_bad_row="error") or count it."""
-    name = _row_name(None, bad.index, source, bad.line)
+    name = tables.row_name(None, bad.index, source, bad.line)
     if on_bad_row == "error":
         raise DataError(f"{name}: {bad}")
     report.drop(name, bad.reason, detail=bad.detail)
@@ -340,7 +145,7 @@ def quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) ->
     rows raise or are counted as load_quads says."""
     report = DataReport(source)
     quads, seen = [], set()
-    for i, line, row, bad in _entries(rows):
+    for i, line, row, bad in tables.entries_of(rows):
         if bad is not None:  # its split is unknown: counted whatever the split asked for
             report.rows_in += 1
             _bad_row(report, bad, source, on_bad_row)
@@ -351,7 +156,7 @@ def quads_from_rows(rows, *, source: str, on_bad_row: str, split: str | None) ->
             continue
         report.rows_in += 1
         report.unsplit += row_split is None
-        name = _row_name(row, i, source, line)
+        name = tables.row_name(row, i, source, line)
         q = report.attempt(name, on_bad_row, _quad, row, str(row.get("id") or i), name, seen)
         if q is not None:
             seen.add(q.id)
@@ -375,7 +180,7 @@ def load_sft_rows(path: str | Path, *, prompt_field: str | None = None, response
     response/output/answer/completion); an Alpaca-style non-empty "input" is appended to the
     instruction."""
     _check_on_bad_row(on_bad_row)
-    return _sft_rows(_load_table(path, on_bad_row=on_bad_row), source=str(path), prompt_field=prompt_field,
+    return _sft_rows(tables.load_table(path, on_bad_row=on_bad_row), source=str(path), prompt_field=prompt_field,
                      response_field=response_field, limit=limit, on_bad_row=on_bad_row)
 
 
@@ -383,14 +188,14 @@ def _sft_rows(table, *, source: str, prompt_field, response_field, limit, on_bad
     p_names = (prompt_field,) if prompt_field else PROMPT_ALIASES
     r_names = (response_field,) if response_field else RESPONSE_ALIASES
     report, rows = DataReport(source), []
-    for i, line, row, bad in _entries(table):
+    for i, line, row, bad in tables.entries_of(table):
         if limit is not None and len(rows) >= limit:
             break
         report.rows_in += 1
         if bad is not None:
             _bad_row(report, bad, source, on_bad_row)
             continue
-        name = _row_name(row, i, source, line)
+        name = tables.row_name(row, i, source, line)
         r = report.attempt(name, on_bad_row, _sft_row, row, str(row.get("id") or i), name, p_names, r_names)
         if r is not None:
             rows.append(r)

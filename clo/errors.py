@@ -8,3 +8,7 @@ flag; any other exception is a bug and keeps its traceback.
 class UserError(ValueError):
     """Bad input named in the message (an option, a file and line, a run folder), raised before
     anything on disk changes."""
+
+
+class DataError(UserError):
+    """A data row (or a whole source) that cannot be used; the message names the row."""
