@@ -461,10 +461,13 @@ class CPOObjective(_ReferenceFree):
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class ORPOObjective(_ReferenceFree):
-    """ORPO (Hong et al., 2024) as TRL's ORPOTrainer computes it, on the mean log-probs m:
+    """ORPO (Hong et al., 2024) in TRL's ORPOTrainer's formula, on the mean log-probs m:
 
         log_odds = (m_c - m_r) - (log(1 - e^{m_c}) - log(1 - e^{m_r}))
-        loss     = NLL of the chosen responses' tokens - beta * mean over pairs of logsigmoid(log_odds)"""
+        loss     = NLL of the chosen responses' tokens - beta * mean over pairs of logsigmoid(log_odds)
+
+    The NLL is over the labelled tokens, as the log-odds are; TRL's ORPOTrainer takes its NLL over
+    the chosen prompt's tokens too (one label set cannot give both)."""
 
     def loss(self, sums, counts, stats=None):
         m = sequence_means(sums, counts)
