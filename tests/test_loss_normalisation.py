@@ -40,7 +40,7 @@ def _full_logit_terms(model_dir, cfg, layout):
             for k in layout.sequences:
                 ids = torch.tensor([enc.input_ids[k]])
                 hidden = model.model(input_ids=ids).last_hidden_state[0]
-                logits = hidden @ model.lm_head.weight.T
+                logits = model(input_ids=ids).logits[0]  # the HF model's own head (softcapped on Gemma 2)
                 y = torch.tensor(enc.labels[k])
                 pred, target = logits[:-1], y[1:]
                 keep = target != -100
@@ -55,6 +55,19 @@ def test_step_one_is_the_loss_on_full_logits(method, unlikelihood, llama_dir, tm
                        unlikelihood=unlikelihood)
     T.train(cfg)
     _check_step_one(metrics(tmp_path)[0], cfg, llama_dir)
+
+
+def test_step_one_with_a_softcapped_head_is_the_loss_on_full_logits(tok, tmp_path):
+    """Gemma 2's final logit softcapping, read from the model by the trainer, against the HF
+    model's own (softcapped) logits."""
+    from trainer_fixtures import save_model, tiny_gemma2
+
+    # a cap this model's logits (|z| < 0.5) feel: 0.3 tanh(z / 0.3) is far from z
+    model_dir = save_model(tiny_gemma2(len(tok), softcap=0.3), tok, tmp_path / "gemma2")
+    cfg = train_config(model_dir, tmp_path / "run", max_steps=1, batch_quads=1, grad_accum=4, method="clo",
+                       unlikelihood=0.0)
+    T.train(cfg)
+    _check_step_one(metrics(tmp_path / "run")[0], cfg, model_dir)
 
 
 def test_step_one_on_two_ranks_is_the_loss_on_full_logits(llama_dir, tmp_path):

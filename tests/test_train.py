@@ -148,6 +148,31 @@ def test_resume_equals_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(wa[n], wb[n], rtol=1e-6, atol=1e-8)
 
 
+def test_resume_restores_the_random_state(tok, tmp_path):
+    """Attention dropout draws random masks at every step: the resumed steps equal the
+    uninterrupted run's only because the checkpoint's RNG state is restored (and they differ
+    from a run whose masks differ, so the comparison can fail)."""
+    import shutil
+
+    model_dir = save_model(tiny_llama(len(tok), seed=1, attention_dropout=0.5), tok, tmp_path / "dropout")
+    kw = dict(max_steps=4, save_every=2, keep_checkpoints=2, optimizer="sgd", lr=0.05)
+    train(train_config(model_dir, tmp_path / "full", **kw))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000004")
+    (cut / "checkpoints" / "LATEST").write_text("step-0000002")
+    train(train_config(model_dir, cut, resume=True, **kw))
+    full, resumed = metrics(tmp_path / "full"), metrics(cut)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:], strict=True):
+        for key in ("loss", "nll", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    # the masks matter: without dropout the same model's first step has another loss
+    plain = save_model(tiny_llama(len(tok), seed=1), tok, tmp_path / "plain")
+    train(train_config(plain, tmp_path / "plain-run", **{**kw, "max_steps": 1, "save_every": 0}))
+    assert metrics(tmp_path / "plain-run")[0]["loss"] != pytest.approx(full[0]["loss"], rel=1e-4)
+
+
 def test_checkpoint_survives_a_kill_during_writing(llama_dir, tmp_path):
     # A real SIGKILL in the middle of writing the step-4 checkpoint (after half its bytes).
     out = tmp_path / "run"

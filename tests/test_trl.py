@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("trl")
 from datasets import Dataset
 from oracle import oracle, oracle_unlikelihood
-from trainer_fixtures import tiny_llama
+from trainer_fixtures import tiny_gemma2, tiny_llama
 from trl import DPOConfig, DPOTrainer
 
 import clo_kernels as ck
@@ -57,8 +57,8 @@ def lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
-def train_log(cls, tok, tmp_path, *, peft=False, trainer_kw=None, **args_kw) -> list[dict]:
-    model = tiny_llama(len(tok), seed=1).train()
+def train_log(cls, tok, tmp_path, *, peft=False, trainer_kw=None, model_fn=None, **args_kw) -> list[dict]:
+    model = (model_fn or (lambda n: tiny_llama(n, seed=1)))(len(tok)).train()
     kw = {"peft_config": lora()} if peft else {"ref_model": copy.deepcopy(model)}
     trainer = cls(model=model, args=dpo_args(tmp_path, **args_kw), train_dataset=preference_rows(),
                   processing_class=tok, **kw, **(trainer_kw or {}))
@@ -100,6 +100,9 @@ CASES = {
     "padding_free": {"padding_free": True, "per_device_train_batch_size": 3},
     "padding_free, ld_alpha, reference precomputed": {"padding_free": True, "ld_alpha": 0.5,
                                                       "precompute_ref_log_probs": True},
+    # the head's softcapping read from the HF model (Gemma 2, a cap of 0.3 that its logits feel), on the
+    # policy and the reference
+    "softcapped head (Gemma 2), ipo": {"model_fn": lambda n: tiny_gemma2(n, softcap=0.3), "loss_type": ["ipo"]},
 }
 
 

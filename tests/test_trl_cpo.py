@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("trl.experimental.cpo")
 from test_trl import preference_rows
-from trainer_fixtures import tiny_llama
+from trainer_fixtures import tiny_gemma2, tiny_llama
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from clo_kernels.integrations.trl_cpo import FusedCPOTrainer, mean_logit
@@ -27,17 +27,6 @@ def cpo_args(tmp_path, **kw):
                 learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], save_strategy="no",
                 use_cpu=True, bf16=False, seed=0, beta=0.1, disable_tqdm=True)
     return CPOConfig(**{**base, **kw})
-
-
-def tiny_gemma2(vocab_size: int):
-    """A random two-layer Gemma 2: final logit softcapping (30), which the mean logit must follow."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(2)
-    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                          final_logit_softcapping=30.0, sliding_window=64)
-    return Gemma2ForCausalLM(config)
 
 
 def train_log(cls, tok, tmp_path, *, model_fn=None, **args_kw) -> list[dict]:
@@ -56,7 +45,7 @@ CASES = {
     "hinge": {"loss_type": "hinge"},
     "label_smoothing, gradient accumulation": {"label_smoothing": 0.2, "gradient_accumulation_steps": 2,
                                                "per_device_train_batch_size": 1},
-    "softcapped head (Gemma 2)": {"model_fn": tiny_gemma2},
+    "softcapped head (Gemma 2)": {"model_fn": lambda n: tiny_gemma2(n, softcap=0.3)},
 }
 
 

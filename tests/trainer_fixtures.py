@@ -55,19 +55,32 @@ def smollm2_tokenizer():
 
 
 def tiny_llama(vocab_size: int, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
-               initializer_range: float = 0.02, tie_word_embeddings: bool = False):
+               initializer_range: float = 0.02, tie_word_embeddings: bool = False, attention_dropout: float = 0.0):
     """A random LlamaForCausalLM small enough for CPU tests (fp32, eval mode).
 
     A larger ``initializer_range`` (e.g. 0.5) gives peaked next-token distributions, so greedy
-    argmaxes are far from ties and comparisons across batch layouts are robust to rounding."""
+    argmaxes are far from ties and comparisons across batch layouts are robust to rounding.
+    ``attention_dropout``: a model whose training steps draw random numbers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=1024, initializer_range=initializer_range,
-                         tie_word_embeddings=tie_word_embeddings)
+                         tie_word_embeddings=tie_word_embeddings, attention_dropout=attention_dropout)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma2(vocab_size: int, *, seed: int = 2, softcap: float = 30.0):
+    """A random two-layer Gemma 2 (fp32, eval mode): final logit softcapping, which every path
+    from the HF model to the loss must apply."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                          final_logit_softcapping=softcap, sliding_window=64)
+    torch.manual_seed(seed)
+    return Gemma2ForCausalLM(config).eval()
 
 
 def metrics(out) -> list[dict]:
