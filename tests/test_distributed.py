@@ -50,7 +50,8 @@ def tied_llama(tmp_path_factory):
     return save_model(tiny_llama(len(tok), seed=1, tie_word_embeddings=True), tok, tmp_path_factory.mktemp("tied"))
 
 
-def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.CompletedProcess:
+def torchrun_command(out: Path, *extra: str, nproc: int = 2, **options) -> tuple[list[str], dict]:
+    """The `torchrun -m clo train` command line (options as flags) and its environment."""
     flags = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -59,6 +60,11 @@ def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.Co
            "-m", "clo", "train", *flags, "--output-dir", str(out), "--no-progress", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
+    return cmd, env
+
+
+def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.CompletedProcess:
+    cmd, env = torchrun_command(out, *extra, nproc=nproc, **options)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -160,6 +166,60 @@ def test_fsdp2_two_ranks_equal_one_process_and_save_a_loadable_model(tied_llama,
     shutil.rmtree(cut / "cache")
     torchrun(cut, "--fsdp", "--resume", model=tied_llama, batch_quads=1, trainable="all", save_final=False, **COMMON)
     assert_same_run(cut, tmp_path / "fsdp", rtol=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc): torchrun's workers."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_a_rank_killed_mid_run_leaves_a_checkpoint_that_resumes_on_the_same_trajectory(tied_llama, tmp_path):
+    """SIGKILL to rank 1 once a checkpoint exists: torchrun stops the other rank and fails (no
+    hang), the latest checkpoint loads, and --resume continues as the uninterrupted run does."""
+    import signal
+    import time
+
+    opts = dict(COMMON, max_steps=24, save_every=2, model=tied_llama, batch_quads=1, save_final=False)
+    torchrun(tmp_path / "full", **opts)
+
+    out = tmp_path / "killed"
+    cmd, env = torchrun_command(out, **opts)
+    log = tmp_path / "killed.log"  # a file, not a pipe: nothing blocks the run while this test waits
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        latest, deadline = out / "checkpoints" / "LATEST", time.monotonic() + 600
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = sorted(_children(proc.pid))
+        assert proc.poll() is None and len(workers) == 2, f"the run ended before a rank could be killed: {workers}"
+        os.kill(workers[1], signal.SIGKILL)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("torchrun did not stop within 300 s of a rank's SIGKILL")
+    err = log.read_text()
+    assert proc.returncode != 0
+    assert "SIGKILL" in err or "Signal 9" in err, err[-3000:]
+    killed_at = int(latest.read_text().removeprefix("step-"))
+    assert 2 <= killed_at < 24, killed_at  # killed mid-run, after a checkpoint
+    assert load_checkpoint(out)["step"] == killed_at  # the latest checkpoint is whole
+
+    torchrun(out, "--resume", **opts)
+    ra, rb = metrics(out), metrics(tmp_path / "full")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 25))
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "nll", "rewards/margins", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=MARGIN_ABS), (x["step"], key)
 
 
 def test_data_order_is_a_function_of_seed_and_epoch():
