@@ -459,6 +459,11 @@ class CPOObjective(_ReferenceFree):
         return loss, self._parts(logps, r, nll)
 
 
+def orpo_log_odds(mc: torch.Tensor, mr: torch.Tensor) -> torch.Tensor:
+    """ORPO's log odds ratio of the chosen over the rejected mean log-probs (per pair)."""
+    return (mc - mr) - (_log1mexp(mc) - _log1mexp(mr))
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class ORPOObjective(_ReferenceFree):
     """ORPO (Hong et al., 2024) in TRL's ORPOTrainer's formula, on the mean log-probs m:
@@ -466,14 +471,17 @@ class ORPOObjective(_ReferenceFree):
         log_odds = (m_c - m_r) - (log(1 - e^{m_c}) - log(1 - e^{m_r}))
         loss     = NLL of the chosen responses' tokens - beta * mean over pairs of logsigmoid(log_odds)
 
-    The NLL is over the labelled tokens, as the log-odds are; TRL's ORPOTrainer takes its NLL over
-    the chosen prompt's tokens too (one label set cannot give both)."""
+    The NLL is over the tokens of the sequences in ``nll_mask`` (None: the chosen ones). TRL's
+    ORPOTrainer takes it over the chosen prompts' tokens too: give those as sequences of their own
+    in nll_mask (FusedORPOTrainer does), outside every pair."""
+
+    nll_mask: torch.Tensor | None = None
 
     def loss(self, sums, counts, stats=None):
         m = sequence_means(sums, counts)
-        mc, mr = _pick(m, self.chosen), _pick(m, self.rejected)
-        log_odds = (mc - mr) - (_log1mexp(mc) - _log1mexp(mr))
-        nll = _chosen_nll(self, sums, counts)
+        log_odds = orpo_log_odds(_pick(m, self.chosen), _pick(m, self.rejected))
+        nll = _chosen_nll(self, sums, counts) if self.nll_mask is None else \
+            _nll(sums, counts, self.nll_mask, self.num_nll_tokens)
         loss = nll - self.beta * F.logsigmoid(log_odds).sum() / self.pair_denominator(sums)
         return loss, self._parts(m, m, nll)
 

@@ -27,6 +27,7 @@ from trainer_fixtures import metrics, save_model, tiny_llama, train_config
 import clo.checkpoints as C
 import clo.data as D
 import clo.model as M
+import clo.reference
 import clo.train as T
 from clo.batches import denominators
 from clo.objective import Objective, micro_step_loss
@@ -309,7 +310,7 @@ def test_reference_cache_is_reused(llama_dir, tmp_path, monkeypatch):
     cfg = train_config(llama_dir, tmp_path, max_steps=1)
     train(cfg)
     calls = []
-    monkeypatch.setattr(T, "reference_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(clo.reference, "reference_logps", lambda *a, **k: calls.append(1))
     train(dataclasses.replace(cfg, output_dir=str(tmp_path / "again"), cache_dir=str(tmp_path / "cache")))
     assert calls == []
 
