@@ -1,17 +1,19 @@
-"""One TRL DPO training step: trl.DPOTrainer's own chunked head against FusedDPOTrainer.
+"""One TRL preference training step: TRL's own trainer against the fused drop-in (DPO, CPO, ORPO).
 
     python benchmarks/bench_trl.py                      # CPU, SmolLM2-135M shapes, 4 pairs per step
     python benchmarks/bench_trl.py --device cuda --arch llama3-1b --pairs 8
     python benchmarks/bench_trl.py --loss-type ipo    # any of TRL's loss types (and --f-divergence-type)
     python benchmarks/bench_trl.py --padding-free     # FusedDPOTrainer packs the pairs; TRL 1.16 pads
+    python benchmarks/bench_trl.py --method orpo      # trl.experimental's ORPOTrainer vs FusedORPOTrainer (or cpo)
 
 Both trainers get the same model (random weights from the architecture's config: speed and
-memory do not depend on them), the same reference copy, the same data and TrainingArguments;
+memory do not depend on them), the same reference copy (DPO), the same data and TrainingArguments;
 only the class differs. The data are the demo quads as preference rows in TRL's conversational
 format (German prompt, German answer chosen, English answer rejected), cut at --max-length.
 Each measurement runs in a fresh subprocess, the trainers alternating for --rounds rounds (this
 VM's speed drifts within minutes); per run the median of --steps timed steps after one warm-up.
-Tokens/s counts every token of the step's sequences (TRL's num_tokens). Peak memory: CUDA
+Tokens/s counts every token of the step's sequences (DPO: TRL's num_tokens; CPO and ORPO, which
+do not log it: the tokenised pairs' mean length x pairs per step). Peak memory: CUDA
 max_memory_allocated during training; CPU the process's peak RSS, and its growth from just
 before training (the trainer built, the data tokenised) to the end.
 Writes bench_trl.json, .md and .png into --out.
@@ -47,6 +49,25 @@ from bench_train import ARCHS, build  # noqa: E402
 TRAINERS = ("trl", "fused")
 
 
+def trainer_classes(method: str):
+    """(config class, TRL's trainer, the fused drop-in) of a method."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        from clo_kernels.integrations.trl import FusedDPOTrainer
+
+        return DPOConfig, DPOTrainer, FusedDPOTrainer
+    from clo_kernels.integrations import trl_experimental as fused
+
+    if method == "cpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        return CPOConfig, CPOTrainer, fused.FusedCPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOConfig, ORPOTrainer, fused.FusedORPOTrainer
+
+
 def preference_rows():
     from datasets import Dataset
 
@@ -73,9 +94,6 @@ def tokenizer(folder: str | None):
 def run(trainer_name: str, args) -> dict:
     """One training run in this process: step times, tokens and memory."""
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from clo_kernels.integrations.trl import FusedDPOTrainer
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -93,23 +111,31 @@ def run(trainer_name: str, args) -> dict:
 
     tok = tokenizer(args.tokenizer)
     model = build(args.arch, args.device).train()
-    cfg = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
-                    max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
-                    report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
-                    bf16=args.device == "cuda", seed=0, disable_tqdm=True, loss_type=args.loss_type,
-                    f_divergence_type=args.f_divergence_type, use_weighting=args.use_weighting,
-                    padding_free=args.padding_free)
-    cls = FusedDPOTrainer if trainer_name == "fused" else DPOTrainer
+    config_cls, trl_cls, fused_cls = trainer_classes(args.method)
+    loss = {"dpo": dict(loss_type=args.loss_type, f_divergence_type=args.f_divergence_type,
+                        use_weighting=args.use_weighting, padding_free=args.padding_free),
+            "cpo": dict(loss_type=args.loss_type[0]), "orpo": {}}[args.method]
+    cfg = config_cls(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
+                     max_steps=args.steps + 1, max_length=args.max_length, learning_rate=1e-6, logging_steps=1,
+                     report_to=[], save_strategy="no", use_cpu=args.device == "cpu",
+                     bf16=args.device == "cuda", seed=0, disable_tqdm=True, **loss)
+    cls = fused_cls if trainer_name == "fused" else trl_cls
     clock = Clock()
-    trainer = cls(model=model, ref_model=copy.deepcopy(model), args=cfg, train_dataset=preference_rows(),
-                  processing_class=tok, callbacks=[clock])
+    reference = {"ref_model": copy.deepcopy(model)} if args.method == "dpo" else {}
+    trainer = cls(model=model, args=cfg, train_dataset=preference_rows(), processing_class=tok, callbacks=[clock],
+                  **reference)
     rss0 = proc_status_kib("VmRSS") / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
-    tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(logs, logs[1:], strict=False)]  # timed steps
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    if args.method == "dpo":
+        tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(logs, logs[1:], strict=False)]  # timed steps
+    else:
+        data = trainer.train_dataset
+        tokens = [args.pairs * statistics.mean(len(c) + len(r) for c, r in zip(
+            data["chosen_input_ids"], data["rejected_input_ids"], strict=True))]
     step_s = statistics.median(clock.times[1:])
     res = {"trainer": trainer_name, "step_s": step_s, "step_times": clock.times,
            "tokens_per_step": statistics.mean(tokens), "tokens_per_s": statistics.mean(tokens) / step_s,
@@ -123,7 +149,8 @@ def run(trainer_name: str, args) -> dict:
 
 
 def in_subprocess(trainer_name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--single", trainer_name, "--arch", args.arch, "--device", args.device,
+    cmd = [sys.executable, __file__, "--single", trainer_name, "--method", args.method, "--arch", args.arch,
+           "--device", args.device,
            "--pairs", str(args.pairs), "--max-length", str(args.max_length), "--steps", str(args.steps),
            "--out", args.out, "--loss-type", *args.loss_type, "--f-divergence-type", args.f_divergence_type] + (
                ["--use-weighting"] if args.use_weighting else []) + (
@@ -155,8 +182,10 @@ def summarise(runs: list[dict]) -> list[dict]:
 def markdown(rows, meta) -> str:
     cpu = meta["device"] == "cpu"
     mem = "peak RSS MiB | RSS growth in training MiB" if cpu else "peak MiB (CUDA, training)"
-    lines = [f"One TRL DPO step, {meta['arch']} shapes, {meta['device']} ({meta['gpu'] or meta['machine']}, "
-             f"{meta['cpus']} CPUs), {meta['pairs']} pairs x <= {meta['max_length']} tokens, full fine-tuning, "
+    trl_name, fused_name = names(meta["method"])
+    lines = [f"One TRL {meta['method'].upper()} step, {meta['arch']} shapes, {meta['device']} "
+             f"({meta['gpu'] or meta['machine']}, {meta['cpus']} CPUs), {meta['pairs']} pairs x <= "
+             f"{meta['max_length']} tokens, full fine-tuning, "
              f"AdamW, {'fp32' if cpu else 'bf16 autocast'}, loss_type {meta['loss_type']} "
              f"({meta['f_divergence_type']}{', WPO weights' if meta.get('use_weighting') else ''}"
              f"{', padding_free' if meta.get('padding_free') else ''}), "
@@ -171,24 +200,33 @@ def markdown(rows, meta) -> str:
         lines.append(f"| {r['trainer']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {memory} |")
     ok = {r["trainer"]: r for r in rows if "error" not in r}
     if len(ok) == 2:
-        lines += ["", f"FusedDPOTrainer step time = {ok['fused']['step_s'] / ok['trl']['step_s']:.2f}x "
-                      f"trl.DPOTrainer's; logged losses trl {ok['trl']['losses']}, fused {ok['fused']['losses']}."]
+        lines += ["", f"{fused_name} step time = {ok['fused']['step_s'] / ok['trl']['step_s']:.2f}x "
+                      f"{trl_name}'s; logged losses trl {ok['trl']['losses']}, fused {ok['fused']['losses']}."]
     return "\n".join(lines) + "\n"
+
+
+def names(method: str) -> tuple[str, str]:
+    """How the report names the two trainers."""
+    _, trl_cls, fused_cls = trainer_classes(method)
+    return f"{trl_cls.__module__.split('.')[0]}.{trl_cls.__name__}", fused_cls.__name__
 
 
 def plot(rows, meta, path: Path) -> None:
     ok = [r for r in rows if "error" not in r]
     cpu = meta["device"] == "cpu"
-    tokens_and_memory_bars(path, names=["trl.DPOTrainer" if r["trainer"] == "trl" else "FusedDPOTrainer" for r in ok],
+    trl_name, fused_name = names(meta["method"])
+    tokens_and_memory_bars(path, names=[trl_name if r["trainer"] == "trl" else fused_name for r in ok],
                            tokens_per_s=[r["tokens_per_s"] for r in ok],
                            memory_mib=[r["train_rss_growth_mib" if cpu else "peak_mib"] for r in ok],
                            memory_title="memory growth in training, MiB" if cpu else "peak MiB",
-                           title=f"one TRL DPO step ({' + '.join(meta['loss_type'])}, {meta['f_divergence_type']}), "
+                           title=f"one TRL {meta['method'].upper()} step ({' + '.join(meta['loss_type'])}), "
                                  f"{meta['arch']} on {meta['device']}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", choices=("dpo", "cpo", "orpo"), default="dpo",
+                   help="dpo: trl.DPOTrainer; cpo, orpo: trl.experimental's CPOTrainer, ORPOTrainer")
     p.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2 sequences each)")
@@ -213,7 +251,7 @@ def main(argv=None) -> int:
             runs.append(in_subprocess(name, args))
             print(json.dumps(runs[-1]), flush=True)
     rows = summarise(runs)
-    keys = ("arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type",
+    keys = ("method", "arch", "device", "pairs", "max_length", "steps", "rounds", "loss_type", "f_divergence_type",
             "use_weighting", "padding_free")
     meta = {**{k: getattr(args, k) for k in keys},
             "torch": torch.__version__, **dist_versions("trl", "transformers"), **machine_meta(args.device),

@@ -1,13 +1,14 @@
-import json, sys
+import json
 from pathlib import Path
+
 B, A = Path("/tmp/base/before"), Path("/tmp/base/after")
 SKIP = {"tokens/s", "step_s", "peak_mem_mb"}
 ok = True
 for m in ("clo", "sft", "dpo"):
     rb = [json.loads(l) for l in (B / m / "metrics.jsonl").read_text().splitlines()]
     ra = [json.loads(l) for l in (A / m / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in SKIP} for r in rows]
-    same = strip(rb) == strip(ra)
+    same = [{k: v for k, v in r.items() if k not in SKIP} for r in rb] == \
+        [{k: v for k, v in r.items() if k not in SKIP} for r in ra]
     ok &= same
     print(m, "metrics rows identical:", same, len(rb))
     eb = json.loads((B / m / "eval" / "eval.json").read_text())
