@@ -15,14 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
 
+from clo.segments import join_segments, split_segments
 from clo.translate import (
     LANGUAGES,
     TranslationCache,
     Translator,
     detect_family,
-    join_segments,
     language_code,
-    split_segments,
     translate_rows,
 )
 
