@@ -74,6 +74,11 @@ class _FusedPairHead:
     """What both drop-ins share: the checks before TRL builds anything, the head inside the
     model's forward, and TRL's gathering of the metrics."""
 
+    def __init__(self, model=None, args=None, *rest, impl: str = "auto", options: LogProbOptions | None = None,
+                 **kwargs):
+        self._fused_setup(model, args, impl, options)
+        super().__init__(model, args, *rest, **kwargs)  # the TRL trainer's, next in the MRO
+
     def _fused_setup(self, model, args, impl, options) -> None:
         _inputs.check_impl(impl)
         if options is not None and not isinstance(options, LogProbOptions):
@@ -130,11 +135,6 @@ class FusedCPOTrainer(_FusedPairHead, CPOTrainer):
 
     _tag_names = ["trl", "cpo", "clo-kernels"]
 
-    def __init__(self, model=None, args=None, *rest, impl: str = "auto", options: LogProbOptions | None = None,
-                 **kwargs):
-        self._fused_setup(model, args, impl, options)
-        super().__init__(model, args, *rest, **kwargs)
-
     @staticmethod
     def _objective(args, **tensors):
         return cpo_objective(args, **tensors)
@@ -162,11 +162,6 @@ class FusedORPOTrainer(_FusedPairHead, ORPOTrainer):
     """trl.experimental.orpo.ORPOTrainer with the loss from clo_kernels' fused head (module docstring)."""
 
     _tag_names = ["trl", "orpo", "clo-kernels"]
-
-    def __init__(self, model=None, args=None, *rest, impl: str = "auto", options: LogProbOptions | None = None,
-                 **kwargs):
-        self._fused_setup(model, args, impl, options)
-        super().__init__(model, args, *rest, **kwargs)
 
     @staticmethod
     def _objective(args, **tensors):
