@@ -100,6 +100,17 @@ CASES = {
     "padding_free": {"padding_free": True, "per_device_train_batch_size": 3},
     "padding_free, ld_alpha, reference precomputed": {"padding_free": True, "ld_alpha": 0.5,
                                                       "precompute_ref_log_probs": True},
+    # the rest of TRL 1.16's loss menu and f-divergences, each through the one-pass engine (aot_unpaired:
+    # the exact path)
+    "exo_pair, label_smoothing": {"loss_type": ["exo_pair"], "label_smoothing": 0.05},
+    "nca_pair": {"loss_type": ["nca_pair"]},
+    "sppo_hard": {"loss_type": ["sppo_hard"]},
+    "aot_unpaired (not pair-local)": {"loss_type": ["aot_unpaired"], "per_device_train_batch_size": 4},
+    "apo_zero + apo_down, weighted": {"loss_type": ["apo_zero", "apo_down"], "loss_weights": [1.0, 0.5]},
+    "discopop": {"loss_type": ["discopop"], "discopop_tau": 0.1},
+    "sigmoid_norm": {"loss_type": ["sigmoid_norm"]},
+    "forward_kl": {"f_divergence_type": "forward_kl"},
+    "alpha_divergence": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     # the head's softcapping read from the HF model (Gemma 2, a cap of 0.3 that its logits feel), on the
     # policy and the reference
     "softcapped head (Gemma 2), ipo": {"model_fn": lambda n: tiny_gemma2(n, softcap=0.3), "loss_type": ["ipo"]},
