@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import children
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +18,8 @@ GOOD = dict(id="a", prompt_en="Hi", response_en="Hello there.", prompt_tgt="Hall
 
 def clo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "clo", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return children.run([sys.executable, "-m", "clo", *args], cwd=cwd, env=env, what=f"clo {' '.join(args)}",
+                        alone_s=6)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, command: str) -> str:

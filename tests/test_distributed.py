@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import children
 import pytest
 import torch
 import torch.distributed as dist
@@ -65,7 +66,7 @@ def torchrun_command(out: Path, *extra: str, nproc: int = 2, **options) -> tuple
 
 def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.CompletedProcess:
     cmd, env = torchrun_command(out, *extra, nproc=nproc, **options)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = children.run(cmd, env=env, what="torchrun -m clo train (2 ranks)", alone_s=30)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import children
 import pytest
 from conftest import HAVE_TRITON
 
@@ -17,8 +18,8 @@ from conftest import HAVE_TRITON
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return children.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                        what="a fresh interpreter importing the library", alone_s=15)
 
 
 def test_import_and_torch_path_without_triton():

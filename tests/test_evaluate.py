@@ -9,6 +9,7 @@ import json
 import logging
 import math
 
+import children
 import pytest
 import torch
 from trainer_fixtures import smollm2_tokenizer, tiny_llama
@@ -351,7 +352,6 @@ def test_clo_eval_command_after_clo_train(llama_dir, tmp_path):
     """The success path as users type it: `clo train` then `clo eval` on the run folder, as two
     commands; eval finds the run's final model and its base model, writes eval.json and eval.md."""
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -361,8 +361,8 @@ def test_clo_eval_command_after_clo_train(llama_dir, tmp_path):
     for args in (["train", "--model", llama_dir, "--max-quads", "2", "--batch-quads", "2", "--max-steps", "1",
                   "--max-length", "96", "--device", "cpu", "--no-progress"],
                  ["eval", "--limit", "2", "--max-new-tokens", "3", "--device", "cpu"]):
-        proc = subprocess.run([sys.executable, "-m", "clo", *args, "--output-dir", str(run)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = children.run([sys.executable, "-m", "clo", *args, "--output-dir", str(run)], cwd=tmp_path, env=env,
+                            what=f"clo {args[0]} on a tiny model", alone_s=45)
         assert proc.returncode == 0, f"clo {args[0]}: {proc.stderr[-3000:]}"
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert list(report) == ["baseline", "model"]

@@ -9,10 +9,10 @@ as the control that shows the measurement catches such a tensor.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
+import children
 import pytest
 from conftest import HAVE_TRITON
 
@@ -47,8 +47,8 @@ SCRIPT = textwrap.dedent("""
 
 def _peak_growth(impl: str, backward: str, N: int, V: int, D: int, stats: str = "") -> int:
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT, impl, backward, str(N), str(V), str(D), stats], env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = children.run([sys.executable, "-c", SCRIPT, impl, backward, str(N), str(V), str(D), stats], env=env,
+                       what=f"the fused loss ({impl}, N {N}, V {V}) in a fresh process", alone_s=30)
     assert res.returncode == 0, res.stderr[-3000:]
     return int(res.stdout.strip().splitlines()[-1])
 

@@ -10,11 +10,11 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import children
 import pytest
 import torch
 
@@ -191,7 +191,8 @@ def test_checkpoint_survives_a_kill_during_writing(llama_dir, tmp_path):
         T.train(T.TrainConfig(**{options!r}))
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = children.run([sys.executable, "-c", script], env=env, what="a run killed while writing its checkpoint",
+                        alone_s=20)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoints" / "LATEST").read_text() == "step-0000002"
     state = C.load_checkpoint(out)
@@ -328,8 +329,8 @@ def test_the_loss_benchmark_plans_the_gpu_grid_from_a_checkout():
     """The benchmarks are files of the checkout (they need the peers, not the wheel): their plan
     for a GPU prints on any machine, touching no GPU."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_loss.py"
-    proc = subprocess.run([sys.executable, str(script), "--dry-run", "--device", "cuda"], capture_output=True,
-                          text=True, timeout=300)
+    proc = children.run([sys.executable, str(script), "--dry-run", "--device", "cuda"],
+                        what="bench_loss.py --dry-run", alone_s=15)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "llama" in proc.stdout.lower(), proc.stdout[-2000:]
 

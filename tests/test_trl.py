@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import children
 import pytest
 import torch
 
@@ -297,7 +298,6 @@ def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(tok, tmp_path):
     averaged over ranks as TRL's are (unsynchronised ranks would drift apart from step 2)."""
     import json
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -305,9 +305,9 @@ def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(tok, tmp_path):
     out = tmp_path / "logs.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(here / "trl_ddp_script.py"), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = children.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                         str(here / "trl_ddp_script.py"), str(out)], env=env,
+                        what="trl.DPOTrainer and FusedDPOTrainer under torchrun (2 ranks)", alone_s=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = json.loads(out.read_text())
     assert logs["DPOTrainer.world"] == logs["FusedDPOTrainer.world"] == 2
