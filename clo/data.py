@@ -262,8 +262,11 @@ def demo_quads(split: str = "train") -> list[Quad]:
     return quads
 
 
+BAD_ROW_POLICIES = ("skip", "error")
+
+
 def _check_on_bad_row(value: str) -> None:
-    if value not in ("error", "skip"):
+    if value not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {value!r}")
 
 

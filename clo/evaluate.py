@@ -29,7 +29,7 @@ from clo.checkpoints import run_of
 from clo.data import IGNORE, DataError, Quad, encode_pair, pad_sequences, prompt_ids, scored_tokens
 from clo.errors import UserError
 from clo.model import DEFAULT_MODEL, hidden_states, load_model, resolve_device, split_lm
-from clo.options import MAX_LENGTH, RUN_DIR, check_target_lang, option, target_lang_option
+from clo.options import MAX_LENGTH, RUN_DIR, check_target_lang, device_option, option, target_lang_option
 from clo.report import write_report
 from clo_kernels import sequence_logps
 
@@ -52,7 +52,7 @@ class EvalConfig:
     max_new_tokens: int = option(48, "new tokens per answer (greedy)")
     batch_size: int = option(16, "prompts per generate call")
     limit: int | None = option(None, "evaluate only the first N held-out quads")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = device_option()
     include_trained: bool = option(False, "score rows the evaluated run trained on (refused by default: they are "
                                    "not held out); the report flags them")
 

@@ -12,7 +12,7 @@ import torch
 from .errors import UserError
 from .evaluate import detect_language, generate_responses, loops, one_at_a_time
 from .model import DEFAULT_MODEL
-from .options import RUN_DIR, option
+from .options import RUN_DIR, device_option, option
 
 
 @dataclass
@@ -30,7 +30,7 @@ class GenerateConfig:
     temperature: float = option(0.7, "with --sample")
     top_p: float = option(0.9, "with --sample")
     seed: int = option(0, "with --sample")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = device_option()
 
     def check(self) -> None:
         if self.max_new_tokens < 1 or (self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1)):

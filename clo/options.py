@@ -40,8 +40,15 @@ def target_lang_option():
 
 
 def on_bad_row_option():
+    from .data import BAD_ROW_POLICIES
+
     return option("skip", "skip (drop, count and log bad rows) or error (stop at the first, naming it)",
-                  choices=("skip", "error"))
+                  choices=BAD_ROW_POLICIES)
+
+
+def device_option():
+    """--device of the commands that load a model on one device (clo train has its own: torchrun)."""
+    return option("auto", "auto, cpu, cuda or cuda:N")
 
 
 def check_target_lang(code: str, flag: str = "target_lang") -> None:

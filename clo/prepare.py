@@ -18,7 +18,7 @@ from . import data
 from .errors import UserError
 from .files import atomic_write
 from .model import resolve_device
-from .options import check_choices, check_target_lang, on_bad_row_option, option
+from .options import check_choices, check_target_lang, device_option, on_bad_row_option, option
 from .translate import Translator, translate_rows
 
 log = logging.getLogger("clo.prepare")
@@ -48,7 +48,7 @@ class PrepareConfig:
                                         f"{', '.join(data.RESPONSE_ALIASES)})")
     batch_size: int = option(16, "segments per translation batch")
     max_new_tokens: int = option(256, "new tokens per translated segment")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = device_option()
     cache: str | None = option(None, "translation cache .jsonl (default: <out>.cache.jsonl)")
     on_bad_row: str = on_bad_row_option()
 

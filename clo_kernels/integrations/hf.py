@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -54,6 +55,14 @@ def split_lm(model: nn.Module) -> SplitLM:
         raise ValueError(f"cannot find the backbone of {type(base).__name__} (base_model_prefix "
                          f"{base.base_model_prefix!r}): the fused loss cannot train this model")
     return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
+
+
+def one_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias):
+    """(hidden, weight, bias) for the fused functions, which take one dtype. Under autocast they
+    cast as F.linear does (_inputs.autocast_rule); outside it, hidden and bias take the weight's."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    return hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)
 
 
 HeadFn = Callable  # (hidden (S, T, D), weight (V, D), bias (V,) | None, softcap) -> anything

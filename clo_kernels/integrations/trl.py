@@ -104,14 +104,6 @@ def bind_dpo_arguments(*args, **kwargs) -> dict:
     return {k: v for k, v in list(bound.arguments.items())[1:]}
 
 
-def _one_dtype(hidden, weight, bias):
-    """The kernels take one dtype. Under autocast the fused functions cast as F.linear does
-    (_inputs.autocast_rule); outside it, hidden and bias take the weight's."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        return hidden, weight, bias
-    return hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)
-
-
 class FusedDPOTrainer(DPOTrainer):
     """trl.DPOTrainer with the loss from clo_kernels' fused head (module docstring: what maps to what)."""
 
@@ -190,7 +182,7 @@ class FusedDPOTrainer(DPOTrainer):
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
         if not self._packed:
             def padded(hidden, weight, bias, softcap):
-                return fn(*_one_dtype(hidden, weight, bias), softcap, labels, token_weights, {})
+                return fn(*hf.one_dtype(hidden, weight, bias), softcap, labels, token_weights, {})
 
             return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], head_fn=padded)
         real = inputs["attention_mask"].bool()
@@ -198,7 +190,7 @@ class FusedDPOTrainer(DPOTrainer):
         layout = {"seq_ids": torch.arange(S, device=real.device).repeat_interleave(real.sum(1)), "num_seqs": S}
 
         def packed(hidden, weight, bias, softcap):
-            return fn(*_one_dtype(hidden[0], weight, bias), softcap, labels[real],
+            return fn(*hf.one_dtype(hidden[0], weight, bias), softcap, labels[real],
                       None if token_weights is None else token_weights[real], layout)
 
         positions = (real.cumsum(1) - 1)[real][None]

@@ -110,9 +110,7 @@ class _FusedPairHead:
         """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype (under
         autocast, its rule)."""
         def head(hidden, weight, bias, softcap):
-            if not torch.is_autocast_enabled(hidden.device.type):  # the kernels take one dtype
-                hidden, bias = hidden.to(weight.dtype), None if bias is None else bias.to(weight.dtype)
-            return fn(hidden, weight, bias, softcap)
+            return fn(*hf.one_dtype(hidden, weight, bias), softcap)
 
         hf.add_hidden_head(hf.base_model(self.accelerator.unwrap_model(model)))
         return model(input_ids=input_ids, attention_mask=attention_mask, head_fn=head)
@@ -146,7 +144,7 @@ class FusedCPOTrainer(_FusedPairHead, CPOTrainer):
         labels = cat["concatenated_labels"]
         n = batch["chosen_labels"].shape[0]
         chosen = torch.arange(n, device=labels.device)
-        objective = cpo_objective(self.args, chosen=chosen, rejected=chosen + n)
+        objective = self._objective(self.args, chosen=chosen, rejected=chosen + n)
 
         def fn(hidden, weight, bias, softcap):
             out = fused_linear_sequence_loss(hidden, weight, labels, objective, bias=bias, softcap=softcap,
@@ -187,7 +185,7 @@ class FusedORPOTrainer(_FusedPairHead, ORPOTrainer):
         pairs = torch.arange(n, device=ids.device)
         nll_mask = torch.ones(3 * n, dtype=torch.bool, device=ids.device)
         nll_mask[n:2 * n] = False
-        objective = ORPOObjective(beta=self.args.beta, chosen=pairs, rejected=pairs + n, nll_mask=nll_mask)
+        objective = self._objective(self.args, chosen=pairs, rejected=pairs + n, nll_mask=nll_mask)
 
         def fn(hidden, weight, bias, softcap):
             out = fused_linear_sequence_loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
