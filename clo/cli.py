@@ -101,9 +101,12 @@ def _run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     if args.command == "train":
-        from .train import TrainConfig, train
+        from .train import TrainConfig, fail_on_every_rank, train
 
-        cfg = options.from_args(TrainConfig, args, config=args.config)
+        try:
+            cfg = options.from_args(TrainConfig, args, config=args.config)
+        except UserError as err:  # this node's --config: under torchrun the other ranks must hear of it
+            fail_on_every_rank(err, device=getattr(args, "device", "auto"))
         summary = train(cfg)
         if rank == 0:
             print(json.dumps(summary, indent=2))

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -164,6 +166,36 @@ def broadcast_object(obj, d: Dist):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree(fn, d: Dist):
+    """fn() on every rank, then one collective in which the ranks tell each other whether it
+    failed, so that no rank waits at a later collective for one that gave up (a file missing on
+    one node, a bad row only one node's copy has). A UserError on any rank ends every rank with
+    the same one line, naming the rank; any other exception re-raises where it happened (with
+    its traceback) and ends the others with a RuntimeError naming it."""
+    result = error = None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - shared with the peers, then raised on every rank
+        error = err
+    if d.world == 1:
+        if error is not None:
+            raise error
+        return result
+    told = [None] * d.world
+    mine = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}"
+                                       if not isinstance(error, UserError) else " ".join(str(error).splitlines()))
+    dist.all_gather_object(told, mine)
+    failed = [(rank, t) for rank, t in enumerate(told) if t is not None]
+    if not failed:
+        return result
+    rank, (user, message) = failed[0]
+    if user:
+        raise UserError(f"rank {rank} of {d.world}: {message}") from None
+    if error is not None and rank == d.rank:
+        raise error
+    raise RuntimeError(f"rank {rank} of {d.world} failed (its traceback is in its log): {message}")
 
 
 def check_same(value, d: Dist, what: str) -> None:

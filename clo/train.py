@@ -30,13 +30,16 @@ baseline), dpo (the pair term alone).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -205,25 +208,13 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
-def _on_rank0(fn, d: parallel.Dist):
-    """fn() on rank 0, its result (or its UserError) on every rank: the other ranks may not see
-    rank 0's files, and must not wait at a collective for a rank that gave up."""
-    result = error = None
-    if d.main:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    result, error = parallel.broadcast_object((result, error), d)
-    if error is not None:
-        raise UserError(error)
-    return result
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run CLO training; returns a summary (final metrics, paths). Under torchrun, every rank
     calls this; rank 0 writes the files and returns the summary the others return too."""
-    cfg.check()
+    try:
+        cfg.check()
+    except UserError as err:
+        fail_on_every_rank(err, device=cfg.device)
     d, device = parallel.setup(cfg.device, need_group=cfg.fsdp, timeout_min=cfg.dist_timeout_min)
     try:
         summary = _train(cfg, d, device)
@@ -232,6 +223,27 @@ def train(cfg: TrainConfig) -> dict:
         raise
     parallel.teardown(d)
     return summary
+
+
+def fail_on_every_rank(err: UserError, *, device: str = "auto") -> NoReturn:
+    """Raise ``err``, found before the process group exists (this node's --config file, its
+    options). Under torchrun, first join the group and raise it at the run's first agreement
+    (setup 0), where the other ranks raise it too, rather than leave them waiting for this rank
+    in init_process_group until the timeout."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise err
+    try:
+        d, _ = parallel.setup(device)
+    except UserError:
+        d, _ = parallel.setup("auto")
+    try:
+        parallel.agree(functools.partial(_raise, err), d)
+    finally:
+        parallel.teardown(d, failed=True)
+
+
+def _raise(err: BaseException):
+    raise err
 
 
 @dataclass
@@ -264,8 +276,10 @@ class Run:
 def _train(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> dict:
     # The setup phases, in the only order that works:
     # 0. refusals (a folder holding another run, a --resume that would change the run) before any
-    #    model is loaded or file changes; rank 0 decides for all.
-    replaced = _on_rank0(lambda: check_output_dir(cfg, world=d.world, device_type=device.type), d)
+    #    model is loaded or file changes; rank 0 decides for all. Every phase that can fail on one
+    #    rank alone ends in parallel.agree, so a failure ends every rank, with the same message.
+    replaced = parallel.agree(lambda: check_output_dir(cfg, world=d.world, device_type=device.type) if d.main
+                              else [], d)
     # 1. data and model: bad data fails before the (slow) model load, and both before any file changes.
     run = setup_model_and_data(cfg, d, device)
     # 2. what trains, wrapped for DDP/FSDP2: the trainable parameters exist only after wrapping.
@@ -301,7 +315,21 @@ def _train(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> dict:
 
 def setup_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> Run:
     """Setup 1: the training quads, the model and tokenizer, the encoded quads and the
-    fingerprints that key the reference cache and guard --resume."""
+    fingerprints that key the reference cache and guard --resume. Each rank reads its own files."""
+    run = parallel.agree(lambda: _load_model_and_data(cfg, d, device), d)
+    for r in run.reports if d.main else ():
+        log.info("data: %s", r.summary())
+        for ex in r.examples:
+            log.warning("dropped %s", ex)
+    meta = cfg.fsdp and d.world > 1 and not d.main
+    model_key = None if meta else model_fingerprint(run.model)
+    run.fingerprints = {"model": parallel.broadcast_object(model_key, d) if cfg.fsdp else model_key,
+                        "data": data.fingerprint(run.encoded)}
+    parallel.check_same(run.fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
+    return run
+
+
+def _load_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> Run:
     quads, data_report = load_training_quads(cfg)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
@@ -310,16 +338,8 @@ def setup_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.devic
     meta = cfg.fsdp and d.world > 1 and not d.main
     model, tokenizer = load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
     encoded, reports = encode_training_quads(cfg, quads, data_report, tokenizer)
-    for r in reports if d.main else ():
-        log.info("data: %s", r.summary())
-        for ex in r.examples:
-            log.warning("dropped %s", ex)
-    model_key = None if meta else model_fingerprint(model)
-    fingerprints = {"model": parallel.broadcast_object(model_key, d) if cfg.fsdp else model_key,
-                    "data": data.fingerprint(encoded)}
-    parallel.check_same(fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
     return Run(cfg=cfg, d=d, device=device, amp_dtype=amp_dtype, model=model, tokenizer=tokenizer, quads=quads,
-               encoded=encoded, reports=reports, fingerprints=fingerprints)
+               encoded=encoded, reports=reports, fingerprints={})
 
 
 def setup_objective(run: Run) -> None:

@@ -26,3 +26,39 @@ def run(cmd: list[str], *, what: str, alone_s: float, **kwargs) -> subprocess.Co
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         raise AssertionError(f"{what} did not finish within {limit:.0f} s ({MARGIN} x the {alone_s:.0f} s it takes "
                              f"alone; load average {load}): {' '.join(map(str, cmd))[:500]}\n{tail[-3000:]}") from None
+
+
+def run_together(cmds: list[tuple[list[str], dict]], *, what: str, alone_s: float) -> list[subprocess.CompletedProcess]:
+    """Start every (cmd, Popen kwargs) at once, as the nodes of one job are, and wait for all of
+    them within MARGIN x alone_s seconds; past that, kill them all and fail naming ``what``, the
+    limit and each one's last output. Output goes through files, so no child blocks on a pipe."""
+    import tempfile
+    import time
+
+    limit = MARGIN * alone_s
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(open(f"{tmp}/{i}.out", "w+"), open(f"{tmp}/{i}.err", "w+")) for i in range(len(cmds))]
+        procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kw)
+                 for (cmd, kw), (out, err) in zip(cmds, logs, strict=True)]
+        deadline = time.monotonic() + limit
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        hung = [i for i, p in enumerate(procs) if p.poll() is None]
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        done = []
+        for p, (cmd, _), (out, err) in zip(procs, cmds, logs, strict=True):
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    if hung:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        tails = "\n".join(f"--- {i} ({' '.join(map(str, done[i].args))[:300]}):\n{done[i].stderr[-2000:]}"
+                          for i in range(len(done)))
+        raise AssertionError(f"{what}: {hung} still running after {limit:.0f} s ({MARGIN} x the {alone_s:.0f} s "
+                             f"they take alone; load average {load})\n{tails}")
+    return done

@@ -284,3 +284,55 @@ def test_fsdp2_single_gpu_with_the_triton_loss_matches_the_plain_loop(tied_llama
     for x, y in zip(ra, rb, strict=True):  # bf16 autocast on both; FSDP2 gathers bf16 weights, reduces in fp32
         for key in ("loss", "nll", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=2e-2), (x["step"], key)
+
+
+def two_nodes(nodes: list[Path], *flags: str) -> list[subprocess.CompletedProcess]:
+    """`torchrun --nnodes 2 --node-rank i -m clo train FLAGS` on two "nodes" (one rank each), each
+    in its own folder, as on two machines that do not share files; relative paths in FLAGS are
+    resolved on each node, and the run folder is node 0's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmds = [([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+              "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+              "-m", "clo", "train", *flags, "--output-dir", "out", "--no-progress"], dict(cwd=node, env=env))
+            for rank, node in enumerate(nodes)]
+    return children.run_together(cmds, what="two torchrun nodes of clo train", alone_s=30)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("clo train: error: ")]
+
+
+@pytest.mark.parametrize("fault", ["data file missing", "bad row", "config file missing"])
+def test_an_error_one_node_alone_meets_ends_every_rank_with_the_same_line(tied_llama, tmp_path, fault):
+    """Node 1's copy of a file is missing or has a bad row: both ranks end (no wait for the
+    collective timeout) with exit code 2 and the same one-line error, naming rank 1 and the file."""
+    from clo.data import demo_path
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    rows = demo_path().read_text().splitlines()[:6]
+    (nodes[0] / "quads.jsonl").write_text("\n".join(rows) + "\n")
+    if fault == "bad row":
+        (nodes[1] / "quads.jsonl").write_text("\n".join(rows[:3] + ["{not json"] + rows[3:]) + "\n")
+    elif fault == "config file missing":
+        (nodes[1] / "quads.jsonl").write_text("\n".join(rows) + "\n")
+    flags = ["--model", tied_llama, "--data", "quads.jsonl", "--device", "cpu", "--max-steps", "2",
+             "--max-length", "96", "--on-bad-row", "error", "--dist-timeout-min", "30"]
+    if fault == "config file missing":
+        (nodes[0] / "run.yaml").write_text("lr: 0.001\n")
+        flags += ["--config", "run.yaml"]
+    procs = two_nodes(nodes, *flags)
+    lines = [error_lines(p) for p in procs]
+    for p, found in zip(procs, lines, strict=True):
+        assert p.returncode != 0 and len(found) == 1, p.stderr[-4000:]
+    assert lines[0] == lines[1], lines
+    expected = {"data file missing": "quads.jsonl", "bad row": "line 4", "config file missing": "run.yaml"}[fault]
+    assert lines[0][0].startswith("clo train: error: rank 1 of 2: ") and expected in lines[0][0], lines[0]
+    assert not (nodes[0] / "out").exists()  # refused before any file was written
