@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 
 import children
 import pytest
@@ -293,25 +294,56 @@ def test_the_patched_forward_leaves_logits_and_generation_alone(tok):
     assert hidden.shape == (1, ids.shape[1], model.config.hidden_size) and weight is model.lm_head.weight
 
 
-def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(tok, tmp_path):
-    """2 gloo ranks under torchrun: the loss runs inside DDP's forward, so gradients are
-    averaged over ranks as TRL's are (unsynchronised ranks would drift apart from step 2)."""
+def distributed_logs(tmp_path, mode: str) -> dict:
+    """tests/trl_dist_script.py under torchrun on 2 gloo ranks, ``mode`` "ddp" or "zero3": the
+    logs of trl.DPOTrainer, FusedDPOTrainer and CLOTrainer."""
     import json
     import os
     import sys
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    out = tmp_path / "logs.json"
+    out = tmp_path / f"{mode}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
     proc = children.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                         str(here / "trl_ddp_script.py"), str(out)], env=env,
-                        what="trl.DPOTrainer and FusedDPOTrainer under torchrun (2 ranks)", alone_s=60)
+                         str(here / "trl_dist_script.py"), str(out), mode], env=env,
+                        what=f"DPOTrainer, FusedDPOTrainer and CLOTrainer under torchrun ({mode}, 2 ranks)", alone_s=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = json.loads(out.read_text())
-    assert logs["DPOTrainer.world"] == logs["FusedDPOTrainer.world"] == 2
-    assert_same_logs(logs["FusedDPOTrainer"], logs["DPOTrainer"])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_logs(tmp_path_factory):
+    return distributed_logs(tmp_path_factory.mktemp("ddp"), "ddp")
+
+
+def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(ddp_logs):
+    """2 gloo ranks under torchrun: the loss runs inside DDP's forward, so gradients are
+    averaged over ranks as TRL's are (unsynchronised ranks would drift apart from step 2)."""
+    for name in ("DPOTrainer", "FusedDPOTrainer", "CLOTrainer"):
+        assert ddp_logs[name + ".setup"] == [2, "MULTI_CPU"], name
+    assert_same_logs(ddp_logs["FusedDPOTrainer"], ddp_logs["DPOTrainer"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (the dev extra)")
+def test_under_deepspeed_zero3_the_head_reads_the_gathered_weight_and_its_gradient_reaches_the_partitions(
+        ddp_logs, tmp_path):
+    """ZeRO-3 on 2 gloo ranks, every parameter partitioned (lm_head's is an empty tensor outside
+    its module's forward: the head runs as that forward, hf.call_as_forward). FusedDPOTrainer logs
+    what trl.DPOTrainer logs under ZeRO-3 (loss, gradient norm, rewards over 3 steps: the updates
+    reached the partitions), and CLOTrainer under ZeRO-3 what it logs under DDP."""
+    zero3 = distributed_logs(tmp_path, "zero3")
+    for name in ("DPOTrainer", "FusedDPOTrainer", "CLOTrainer"):
+        assert zero3[name + ".setup"] == [2, "DEEPSPEED"], name
+    assert_same_logs(zero3["FusedDPOTrainer"], zero3["DPOTrainer"])
+    assert_same_logs(zero3["DPOTrainer"], ddp_logs["DPOTrainer"])  # ZeRO-3 trains as DDP does
+    ours, theirs = zero3["CLOTrainer"], ddp_logs["CLOTrainer"]
+    assert len(ours) == len(theirs) == STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), 1):
+        for key in ("loss", "grad_norm", "nll", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"step {step}: {key} {a[key]} vs {b[key]}"
+    assert theirs[-1]["loss"] != theirs[0]["loss"]
 
 
 def test_in_bf16_autocast_the_fused_trainer_stays_as_close_to_fp32_as_trl(tok, tmp_path):

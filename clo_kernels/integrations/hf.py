@@ -8,6 +8,7 @@ reproduce (a logit scale) rather than train on the wrong objective.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,11 +88,64 @@ def add_hidden_head(model: nn.Module) -> None:
         split = split_lm(model)
         kwargs["use_cache"] = False
         hidden = split.backbone(*args, **kwargs).last_hidden_state
-        weight, bias = split.head.weight, split.head.bias
-        if hasattr(weight, "full_tensor"):  # FSDP2 outside its root forward: a DTensor shard
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
-        return head_fn(hidden.to(weight.device), weight, bias, split.softcap)
+
+        def head(hidden):
+            weight, bias = split.head.weight, split.head.bias
+            return head_fn(hidden.to(weight.device), weight, bias, split.softcap)
+
+        return call_as_forward(split.head, head, hidden)
 
     forward._clo_hidden_head = True
     model.forward = forward
+
+
+def call_as_forward(module: nn.Module, fn: Callable, *args):
+    """fn(*args) run in place of ``module.forward``, through ``module(*args)``, so that the hooks
+    a wrapper put on the module run around it and fn reads whole parameters, as the module's own
+    forward would (Lightning's and TRL's "forward redirection"): FSDP2 gathers a head wrapped as
+    its own unit and reduce-scatters its gradient; DeepSpeed ZeRO-3 fetches the partitions,
+    which outside the module's forward are empty tensors, and reduces the gradient back onto
+    them. Without such hooks it is fn(*args). The output's tensors pass through the hooks as a
+    tuple (where ZeRO-3 attaches its backward hooks, as new tensors) and are put back in place."""
+    slots = {}
+
+    def forward(*inner_args):
+        leaves: list[torch.Tensor] = []
+
+        def take(t: torch.Tensor) -> _Slot:
+            leaves.append(t)
+            return _Slot(len(leaves) - 1)
+
+        slots["template"] = _map_leaves(fn(*inner_args), take, torch.Tensor)
+        return tuple(leaves)
+
+    own = module.__dict__.get("forward")  # a forward a hook library set on the instance
+    module.forward = forward  # the instance attribute shadows the class's forward
+    try:
+        leaves = module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+    return _map_leaves(slots["template"], lambda slot: leaves[slot.index], _Slot)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+def _map_leaves(x, fn, leaf: type):
+    """x with fn applied to each ``leaf`` in it (in dicts, tuples, lists and dataclasses)."""
+    if isinstance(x, leaf):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_leaves(v, fn, leaf) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        items = [_map_leaves(v, fn, leaf) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _map_leaves(getattr(x, f.name), fn, leaf)
+                                         for f in dataclasses.fields(x) if f.init})
+    return x

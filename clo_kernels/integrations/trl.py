@@ -5,8 +5,11 @@
 ``FusedDPOTrainer`` takes ``trl.DPOTrainer``'s arguments (plus keyword-only ``impl`` and
 ``options`` of the fused loss). The policy's sequence log-probs and the loss come from
 ``fused_linear_sequence_loss`` on the final hidden states and the lm_head weight, computed inside
-the model's forward (hf.add_hidden_head), so the DDP, FSDP2 and peft wrappers stay around the loss
-(tests/test_trl.py runs one process, DDP and LoRA; FSDP2 and DeepSpeed are untested); the
+the model's forward (hf.add_hidden_head), so the DDP, FSDP2 and peft wrappers stay around the loss,
+and the head itself runs as lm_head's forward (hf.call_as_forward), so FSDP2 gathers a head wrapped
+as its own unit and ZeRO-3 fetches its partitions (tests/test_trl.py: one process, DDP, DeepSpeed
+ZeRO-3 and LoRA; tests/test_sharded_head.py: the head under FSDP2; accelerate runs FSDP on GPUs
+only, so FSDP2 through the Trainer is untested); the
 reference log-probs come from ``sequence_logps``: precomputed (precompute_ref_log_probs) or on
 the fly from the reference model, or from the peft model with its adapters disabled, as TRL
 does. The [tokens x vocab] logits are never built. The loss is DPOConfig's, as an objective

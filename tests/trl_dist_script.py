@@ -1,0 +1,42 @@
+"""Run under torchrun by tests/test_trl.py: trl.DPOTrainer, FusedDPOTrainer and CLOTrainer on 2
+gloo ranks, under DDP or DeepSpeed ZeRO-3 (argv[2]), the same model, data and arguments for each;
+rank 0 writes the runs' logs as JSON to argv[1]."""
+
+import copy
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from test_trl import clo_args, demo_quads, dpo_args, preference_rows, tiny_llama
+from trainer_fixtures import smollm2_tokenizer
+from trl import DPOTrainer
+
+from clo.trl_trainer import CLOTrainer
+from clo_kernels.integrations.trl import FusedDPOTrainer
+
+# ZeRO-3 with nothing kept whole: every parameter, lm_head's too, is a partition outside the
+# forward of its module ("auto": the Trainer fills in its own batch size, accumulation, clipping).
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
+def main(path: str, mode: str) -> None:
+    tok = smollm2_tokenizer()
+    extra = {"deepspeed": ZERO3} if mode == "zero3" else {}
+    logs = {}
+    for cls, args, data in ((DPOTrainer, dpo_args, preference_rows), (FusedDPOTrainer, dpo_args, preference_rows),
+                            (CLOTrainer, clo_args, demo_quads)):
+        model = tiny_llama(len(tok), seed=1).train()
+        trainer = cls(model=model, ref_model=copy.deepcopy(model), train_dataset=data(), processing_class=tok,
+                      args=args(Path(tempfile.mkdtemp()), per_device_train_batch_size=1, **extra))
+        trainer.train()
+        logs[cls.__name__] = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+        logs[cls.__name__ + ".setup"] = [trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value]
+    if trainer.accelerator.is_main_process:
+        Path(path).write_text(json.dumps(logs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
