@@ -169,27 +169,38 @@ def broadcast_object(obj, d: Dist):
 
 
 def agree(fn, d: Dist):
-    """fn() on every rank, then one collective in which the ranks tell each other whether it
-    failed, so that no rank waits at a later collective for one that gave up (a file missing on
-    one node, a bad row only one node's copy has). A UserError on any rank ends every rank with
-    the same one line, naming the rank; any other exception re-raises where it happened (with
-    its traceback) and ends the others with a RuntimeError naming it."""
-    result = error = None
+    """fn() on every rank, then ``tell`` whether it failed, so that no rank waits at a later
+    collective for one that gave up (a file missing on one node, a bad row only one node's copy
+    has)."""
     try:
         result = fn()
-    except Exception as err:  # noqa: BLE001 - shared with the peers, then raised on every rank
-        error = err
+    except Exception as err:  # noqa: BLE001 - told to the peers, then raised on every rank
+        tell(err, d)
+        raise  # not reached: tell raises on the rank that failed
+    tell(None, d)
+    return result
+
+
+def tell(error: Exception | None, d: Dist) -> None:
+    """One collective in which every rank says whether it failed (``error``); if one did, raise
+    on every rank. A UserError ends every rank with the same one line, naming the first rank that
+    failed; any other exception re-raises where it happened (with its traceback) and ends the
+    others with a RuntimeError naming it."""
     if d.world == 1:
         if error is not None:
             raise error
-        return result
+        return
+    if error is None:
+        mine = None
+    elif isinstance(error, UserError):
+        mine = (True, " ".join(str(error).splitlines()))
+    else:
+        mine = (False, f"{type(error).__name__}: {error}")
     told = [None] * d.world
-    mine = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}"
-                                       if not isinstance(error, UserError) else " ".join(str(error).splitlines()))
     dist.all_gather_object(told, mine)
     failed = [(rank, t) for rank, t in enumerate(told) if t is not None]
     if not failed:
-        return result
+        return
     rank, (user, message) = failed[0]
     if user:
         raise UserError(f"rank {rank} of {d.world}: {message}") from None

@@ -30,7 +30,6 @@ baseline), dpo (the pair term alone).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -228,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
 def fail_on_every_rank(err: UserError, *, device: str = "auto") -> NoReturn:
     """Raise ``err``, found before the process group exists (this node's --config file, its
     options). Under torchrun, first join the group and raise it at the run's first agreement
-    (setup 0), where the other ranks raise it too, rather than leave them waiting for this rank
+    (setup 0, parallel.agree), where the other ranks raise it too, rather than leave them waiting for this rank
     in init_process_group until the timeout."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise err
@@ -237,13 +236,9 @@ def fail_on_every_rank(err: UserError, *, device: str = "auto") -> NoReturn:
     except UserError:
         d, _ = parallel.setup("auto")
     try:
-        parallel.agree(functools.partial(_raise, err), d)
+        parallel.tell(err, d)
     finally:
         parallel.teardown(d, failed=True)
-
-
-def _raise(err: BaseException):
-    raise err
 
 
 @dataclass
