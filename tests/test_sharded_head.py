@@ -1,5 +1,6 @@
-"""The fused head where a wrapper shards the model: FSDP2 on 2 gloo ranks (here) and DeepSpeed
-ZeRO-3 (tests/test_trl.py, through the TRL drop-ins). The head reads lm_head's weight inside
+"""The fused head where a wrapper shards or offloads the model: FSDP2 on 2 gloo ranks and
+accelerate's device_map offloading (here), DeepSpeed ZeRO-3 (tests/test_trl.py, through the TRL
+drop-ins). The head reads lm_head's weight inside
 lm_head's own forward (hf.call_as_forward), so a head wrapped as its own FSDP2 unit is gathered
 and its gradient reduce-scattered; read outside it (as before), that unit's gradient stayed
 each rank's own, 0.065 off on a gradient of 0.058."""
@@ -16,14 +17,14 @@ import pytest
 import torch.distributed as dist
 
 pytest.importorskip("transformers")
-if not (dist.is_available() and dist.is_gloo_available()):
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory) -> dict:
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
     out = tmp_path_factory.mktemp("fsdp2") / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
@@ -45,3 +46,33 @@ def test_fsdp2_trains_as_one_process_on_the_global_batch(fsdp2, layout):
     assert alone[-1] < alone[0]  # the steps moved the model: the comparison is of trajectories
     assert r["head_grad_diff"] <= 1e-6 * r["head_grad_max"] * 10, r
     assert r["weight_diff"] <= 1e-6, r
+
+
+def test_a_head_offloaded_to_disk_by_device_map_is_brought_in_for_the_loss(tmp_path):
+    """from_pretrained(device_map=...) with lm_head on "disk": outside its forward the weight is
+    on the meta device; the head runs inside that forward, where accelerate's hook loads it, and
+    gives the log-probs of the model in memory (before: an error from the meta weight)."""
+    pytest.importorskip("accelerate")
+    import torch
+    from trainer_fixtures import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    import clo_kernels as ck
+    from clo_kernels.integrations import hf
+
+    model = tiny_llama(97, seed=3)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map={"model": "cpu", "lm_head": "disk"},
+                                                     offload_folder=tmp_path / "offload")
+    assert offloaded.lm_head.weight.device.type == "meta"
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(11) < 3, -100)
+    with torch.no_grad():
+        expected = ck.sequence_logps(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, labels,
+                                     shift=True)
+    hf.add_hidden_head(offloaded)
+    with torch.no_grad():
+        got = offloaded(input_ids=ids, head_fn=lambda h, w, b, softcap: ck.sequence_logps(
+            h, w, labels, bias=b, softcap=softcap, shift=True))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    assert offloaded.lm_head.weight.device.type == "meta"  # offloaded again after the call

@@ -105,7 +105,8 @@ def call_as_forward(module: nn.Module, fn: Callable, *args):
     forward would (Lightning's and TRL's "forward redirection"): FSDP2 gathers a head wrapped as
     its own unit and reduce-scatters its gradient; DeepSpeed ZeRO-3 fetches the partitions,
     which outside the module's forward are empty tensors, and reduces the gradient back onto
-    them. Without such hooks it is fn(*args). The output's tensors pass through the hooks as a
+    them; accelerate's device_map hooks bring an offloaded head's weight in from the CPU or disk.
+    Without such hooks it is fn(*args). The output's tensors pass through the hooks as a
     tuple (where ZeRO-3 attaches its backward hooks, as new tensors) and are put back in place."""
     slots = {}
 
@@ -119,15 +120,19 @@ def call_as_forward(module: nn.Module, fn: Callable, *args):
         slots["template"] = _map_leaves(fn(*inner_args), take, torch.Tensor)
         return tuple(leaves)
 
-    own = module.__dict__.get("forward")  # a forward a hook library set on the instance
-    module.forward = forward  # the instance attribute shadows the class's forward
+    # accelerate's hooks (device_map offloading) wrap the instance's forward around _old_forward,
+    # which they call between moving the weights in and out; elsewhere an instance attribute
+    # shadows the class's forward.
+    name = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    own = module.__dict__.get(name)
+    setattr(module, name, forward)
     try:
         leaves = module(*args)
     finally:
         if own is None:
-            del module.forward
+            delattr(module, name)
         else:
-            module.forward = own
+            setattr(module, name, own)
     return _map_leaves(slots["template"], lambda slot: leaves[slot.index], _Slot)
 
 
