@@ -82,7 +82,7 @@ def autocast_rule(kind: str):
         def call(*args, **kwargs):
             lead = args[0] if args else kwargs.get(first)
             dev = lead.device.type if isinstance(lead, torch.Tensor) else None
-            if dev is None or not torch.is_autocast_enabled(dev):
+            if dev is None or dev == "meta" or not torch.is_autocast_enabled(dev):  # meta: refused by the checks
                 return fn(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)  # only under autocast: the names of the tensors to cast
             dtype = torch.get_autocast_dtype(dev)
@@ -123,7 +123,13 @@ def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ok = _FLOAT_DTYPES + ((torch.float64,) if impl == "reference" else ())
     _require(hidden.dtype in ok, TypeError,
              f"hidden must be float32, bfloat16 or float16 (float64 with impl='reference'), got {hidden.dtype}")
-    _require(weight.dim() == 2, ValueError, f"weight must be (V, D), got shape {tuple(weight.shape)}")
+    outside = ("read outside the forward of a module whose wrapper offloads or shards it (accelerate's "
+               "device_map, DeepSpeed ZeRO-3)? Call the loss inside that forward, as "
+               "clo_kernels.integrations.hf.call_as_forward does")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        _require(t.device.type != "meta", ValueError, f"{name} is on the meta device and holds no data: {outside}")
+    _require(weight.dim() == 2, ValueError, f"weight must be (V, D), got shape {tuple(weight.shape)}"
+             + (f": an empty tensor, {outside}" if weight.numel() == 0 else ""))
     _require(weight.dtype == hidden.dtype, TypeError,
              f"hidden and weight must share one dtype, got hidden {hidden.dtype} and weight {weight.dtype} (or "
              "call under torch.autocast, which casts both)")

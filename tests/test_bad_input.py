@@ -47,6 +47,11 @@ BAD = {
     "softcap": (lambda b: _kw(b, softcap=-1.0), ValueError, "softcap"),
     "num_pairs": (lambda b: _kw(b, num_pairs=0), ValueError, "num_pairs"),
     "impl": (lambda b: _kw(b), ValueError, "impl"),
+    # a weight read outside the forward of the module a wrapper offloads (meta) or partitions (empty)
+    "weight_meta": (lambda b: _kw(b, weight=b["weight"].detach().to("meta")), ValueError, "weight is on the meta"),
+    "hidden_meta": (lambda b: _kw(b, hidden=b["hidden"].detach().to("meta"), weight=b["weight"].detach().to("meta")),
+                    ValueError, "hidden is on the meta"),
+    "weight_empty": (lambda b: _kw(b, weight=b["weight"].new_empty(0)), ValueError, "empty tensor.*ZeRO-3"),
 }
 
 
