@@ -332,12 +332,20 @@ def test_under_deepspeed_zero3_the_head_reads_the_gathered_weight_and_its_gradie
     """ZeRO-3 on 2 gloo ranks, every parameter partitioned (lm_head's is an empty tensor outside
     its module's forward: the head runs as that forward, hf.call_as_forward). FusedDPOTrainer logs
     what trl.DPOTrainer logs under ZeRO-3 (loss, gradient norm, rewards over 3 steps: the updates
-    reached the partitions), and CLOTrainer under ZeRO-3 what it logs under DDP."""
+    reached the partitions), FusedCPOTrainer and FusedORPOTrainer what TRL's CPOTrainer and
+    ORPOTrainer log, and CLOTrainer under ZeRO-3 what it logs under DDP."""
     zero3 = distributed_logs(tmp_path, "zero3")
     for name in ("DPOTrainer", "FusedDPOTrainer", "CLOTrainer"):
         assert zero3[name + ".setup"] == [2, "DEEPSPEED"], name
     assert_same_logs(zero3["FusedDPOTrainer"], zero3["DPOTrainer"])
     assert_same_logs(zero3["DPOTrainer"], ddp_logs["DPOTrainer"])  # ZeRO-3 trains as DDP does
+    from test_trl_experimental import LOGGED as CPO_LOGGED
+    from test_trl_experimental import ORPO_LOGGED
+    from test_trl_experimental import assert_same_logs as assert_same_experimental_logs
+
+    for trl_name, keys in (("CPOTrainer", CPO_LOGGED), ("ORPOTrainer", ORPO_LOGGED)):
+        assert zero3["Fused" + trl_name + ".setup"] == [2, "DEEPSPEED"]
+        assert_same_experimental_logs(zero3["Fused" + trl_name], zero3[trl_name], keys)
     ours, theirs = zero3["CLOTrainer"], ddp_logs["CLOTrainer"]
     assert len(ours) == len(theirs) == STEPS
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), 1):

@@ -1,8 +1,10 @@
 """Run under torchrun by tests/test_trl.py: trl.DPOTrainer, FusedDPOTrainer and CLOTrainer on 2
 gloo ranks, under DDP or DeepSpeed ZeRO-3 (argv[2]), the same model, data and arguments for each;
-rank 0 writes the runs' logs as JSON to argv[1]."""
+under ZeRO-3 also TRL's experimental CPOTrainer and ORPOTrainer and their drop-ins. Rank 0 writes
+the runs' logs as JSON to argv[1]."""
 
 import copy
+import functools
 import json
 import sys
 import tempfile
@@ -25,11 +27,23 @@ ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
 def main(path: str, mode: str) -> None:
     tok = smollm2_tokenizer()
     extra = {"deepspeed": ZERO3} if mode == "zero3" else {}
+    runs = [(DPOTrainer, dpo_args, preference_rows), (FusedDPOTrainer, dpo_args, preference_rows),
+            (CLOTrainer, clo_args, demo_quads)]
+    if mode == "zero3":  # the experimental drop-ins feed the same head (no reference model)
+        from test_trl_experimental import trainer_args
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        from clo_kernels.integrations.trl_experimental import FusedCPOTrainer, FusedORPOTrainer
+
+        for config, classes in ((CPOConfig, (CPOTrainer, FusedCPOTrainer)),
+                                (ORPOConfig, (ORPOTrainer, FusedORPOTrainer))):
+            runs += [(cls, functools.partial(trainer_args, config), preference_rows) for cls in classes]
     logs = {}
-    for cls, args, data in ((DPOTrainer, dpo_args, preference_rows), (FusedDPOTrainer, dpo_args, preference_rows),
-                            (CLOTrainer, clo_args, demo_quads)):
+    for cls, args, data in runs:
         model = tiny_llama(len(tok), seed=1).train()
-        trainer = cls(model=model, ref_model=copy.deepcopy(model), train_dataset=data(), processing_class=tok,
+        ref = {"ref_model": copy.deepcopy(model)} if issubclass(cls, DPOTrainer) else {}
+        trainer = cls(model=model, train_dataset=data(), processing_class=tok, **ref,
                       args=args(Path(tempfile.mkdtemp()), per_device_train_batch_size=1, **extra))
         trainer.train()
         logs[cls.__name__] = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
