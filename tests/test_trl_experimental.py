@@ -18,7 +18,7 @@ from trainer_fixtures import tiny_gemma2, tiny_llama
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from clo_kernels.integrations.trl_experimental import FusedCPOTrainer, FusedORPOTrainer, mean_logit
+from clo_kernels.integrations.trl_experimental import FusedCPOTrainer, FusedORPOTrainer, mean_logits
 
 STEPS = 3
 LOGGED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -86,14 +86,17 @@ def test_fused_orpo_trainer_logs_what_trl_logs(case, tok, tmp_path):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_mean_logit_is_the_mean_of_the_logits(softcap):
+def test_mean_logits_are_the_means_of_the_logits(softcap):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 7, 16, generator=g)[:, ::2]  # a strided view
     weight, bias = torch.randn(301, 16, generator=g), torch.randn(301, generator=g)
     logits = (hidden.double() @ weight.double().T + bias.double())
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    torch.testing.assert_close(mean_logit(hidden, weight, bias, softcap).double(), logits.mean(), rtol=1e-5, atol=1e-6)
+    means = mean_logits(hidden, weight, bias, softcap)
+    assert means.dtype == torch.float32 and means.shape == (3, 4)
+    torch.testing.assert_close(means.double(), logits.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(means.double().mean(), logits.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_settings_are_refused_by_name(tok, tmp_path):

@@ -53,21 +53,22 @@ def cpo_objective(args: CPOConfig, **tensors) -> CPOObjective:
                         simpo_gamma=args.simpo_gamma, cpo_alpha=args.cpo_alpha, alpha=args.alpha, **tensors)
 
 
-def mean_logit(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> torch.Tensor:
-    """The mean over every position and every vocabulary entry of ``hidden @ weight.T + bias``
-    (softcapped), without the logits: the mean over V of a linear map is one product with the mean
-    row. Softcapping is not linear: then the logits are built a block of rows at a time, without
-    gradients (the metric's only cost)."""
+def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> torch.Tensor:
+    """(...,) fp32: each position's mean over the vocabulary of ``hidden @ weight.T + bias``
+    (softcapped), without the logits: the mean over V of a linear map is one product with the
+    head's mean row, reduced in fp32 without an fp32 copy of the head. Softcapping is not linear:
+    then the logits are built a block of rows at a time, without gradients (the metric's only cost)."""
     with torch.no_grad():
         h = hidden.reshape(-1, hidden.shape[-1]).float()
         if softcap is None:
-            mean = h @ weight.float().mean(0)
-            return (mean if bias is None else mean + bias.float().mean()).mean()
-        total = h.new_zeros(())
-        for block in h.split(1024):
-            z = torch.nn.functional.linear(block, weight.float(), None if bias is None else bias.float())
-            total += (softcap * torch.tanh(z / softcap)).mean(1).sum()
-        return total / max(h.shape[0], 1)
+            means = h @ weight.mean(0, dtype=torch.float32)
+            if bias is not None:
+                means += bias.mean(dtype=torch.float32)
+        else:
+            w, b = weight.float(), None if bias is None else bias.float()
+            means = torch.cat([(softcap * torch.tanh(torch.nn.functional.linear(block, w, b) / softcap)).mean(1)
+                               for block in h.split(1024)]) if h.shape[0] else h.new_zeros(0)
+        return means.reshape(hidden.shape[:-1])
 
 
 class _FusedPairHead:
@@ -149,7 +150,8 @@ class FusedCPOTrainer(_FusedPairHead, CPOTrainer):
         def fn(hidden, weight, bias, softcap):
             out = fused_linear_sequence_loss(hidden, weight, labels, objective, bias=bias, softcap=softcap,
                                              shift=True, impl=self._impl, options=self._options)
-            return out, mean_logit(hidden[:n], weight, bias, softcap), mean_logit(hidden[n:], weight, bias, softcap)
+            means = mean_logits(hidden, weight, bias, softcap)
+            return out, means[:n].mean(), means[n:].mean()
 
         out, lc, lr = self._run_head(model, cat["concatenated_input_ids"], cat["concatenated_attention_mask"], fn)
         nll = out.metrics["nll"] if self.args.cpo_alpha != 0 else torch.zeros_like(lc)
@@ -192,8 +194,8 @@ class FusedORPOTrainer(_FusedPairHead, ORPOTrainer):
                                              objective, bias=bias, softcap=softcap, shift=False,
                                              seq_ids=seq_ids.reshape(-1), num_seqs=3 * n, impl=self._impl,
                                              options=self._options)
-            return out, mean_logit(hidden[:n, :-1], weight, bias, softcap), \
-                mean_logit(hidden[n:, :-1], weight, bias, softcap)
+            means = mean_logits(hidden[:, :-1], weight, bias, softcap)
+            return out, means[:n].mean(), means[n:].mean()
 
         out, lc, lr = self._run_head(model, ids, mask, fn)
         log_odds = orpo_log_odds(out.logps[:n], out.logps[n:2 * n])
