@@ -227,8 +227,8 @@ def train(cfg: TrainConfig) -> dict:
 def fail_on_every_rank(err: UserError, *, device: str = "auto") -> NoReturn:
     """Raise ``err``, found before the process group exists (this node's --config file, its
     options). Under torchrun, first join the group and raise it at the run's first agreement
-    (setup 0, parallel.agree), where the other ranks raise it too, rather than leave them waiting for this rank
-    in init_process_group until the timeout."""
+    (setup 0, parallel.agree), where the other ranks raise it too, rather than leave them
+    waiting for this rank in init_process_group until the timeout."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise err
     try:
@@ -316,22 +316,29 @@ def setup_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.devic
         log.info("data: %s", r.summary())
         for ex in r.examples:
             log.warning("dropped %s", ex)
-    meta = cfg.fsdp and d.world > 1 and not d.main
-    model_key = None if meta else model_fingerprint(run.model)
+    model_key = None if _on_meta(cfg, d) else model_fingerprint(run.model)
     run.fingerprints = {"model": parallel.broadcast_object(model_key, d) if cfg.fsdp else model_key,
                         "data": data.fingerprint(run.encoded)}
     parallel.check_same(run.fingerprints, d, "the model and data fingerprints (every rank must load the same files)")
     return run
 
 
+def _from_rank0(cfg: TrainConfig, d: parallel.Dist) -> bool:
+    """FSDP2 over several ranks: rank 0 reads the weights into host memory, the others build the
+    model on the meta device; fully_shard moves the shards to each GPU and rank 0's weights fill
+    them (setup_objective)."""
+    return cfg.fsdp and d.world > 1
+
+
+def _on_meta(cfg: TrainConfig, d: parallel.Dist) -> bool:
+    return _from_rank0(cfg, d) and not d.main
+
+
 def _load_model_and_data(cfg: TrainConfig, d: parallel.Dist, device: torch.device) -> Run:
     quads, data_report = load_training_quads(cfg)
     torch.manual_seed(cfg.seed)  # the same on every rank: LoRA's initial A matrices agree
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # fp32 on the CPU: no fast bf16 matmul there
-    # FSDP2: rank 0 reads the weights into host memory, the others build the model on the meta
-    # device; fully_shard moves the shards to each GPU and rank 0's weights fill them (setup_objective).
-    meta = cfg.fsdp and d.world > 1 and not d.main
-    model, tokenizer = load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=meta)
+    model, tokenizer = load_model(cfg.model, device="cpu" if cfg.fsdp else device, empty=_on_meta(cfg, d))
     encoded, reports = encode_training_quads(cfg, quads, data_report, tokenizer)
     return Run(cfg=cfg, d=d, device=device, amp_dtype=amp_dtype, model=model, tokenizer=tokenizer, quads=quads,
                encoded=encoded, reports=reports, fingerprints={})
@@ -350,7 +357,7 @@ def setup_objective(run: Run) -> None:
     log.info("training %s parameters of %s (%.1f%%): %s; %d process(es), %s", f"{n_train:,}", f"{n_total:,}",
              100 * n_train / n_total, cfg.trainable, d.world, "FSDP2" if cfg.fsdp else "DDP" if d.world > 1 else
              "single")
-    from_rank0 = cfg.fsdp and d.world > 1
+    from_rank0 = _from_rank0(cfg, d)
     objective = Objective(run.model, cfg=cfg, amp_dtype=run.amp_dtype)
     full_state = objective.state_dict() if from_rank0 and d.main else {}  # references, no copy
     objective = parallel.wrap(objective, d=d, fsdp=cfg.fsdp, device=device, amp_dtype=run.amp_dtype)
