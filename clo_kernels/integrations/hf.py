@@ -91,6 +91,9 @@ def add_hidden_head(model: nn.Module) -> None:
 
         def head(hidden):
             weight, bias = split.head.weight, split.head.bias
+            if hasattr(weight, "full_tensor"):  # a DTensor even inside the forward (tensor parallelism)
+                weight = weight.full_tensor()
+                bias = None if bias is None else bias.full_tensor()
             return head_fn(hidden.to(weight.device), weight, bias, split.softcap)
 
         return call_as_forward(split.head, head, hidden)
