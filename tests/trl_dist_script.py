@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch.distributed
 from test_trl import clo_args, demo_quads, dpo_args, preference_rows, tiny_llama
 from trainer_fixtures import smollm2_tokenizer
 from trl import DPOTrainer
@@ -50,6 +51,11 @@ def main(path: str, mode: str) -> None:
         logs[cls.__name__ + ".setup"] = [trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value]
     if trainer.accelerator.is_main_process:
         Path(path).write_text(json.dumps(logs))
+    # Neither accelerate nor the Trainer destroys the group. A process that exits with a live gloo
+    # group can abort in interpreter teardown (SIGABRT, "terminate called without an active
+    # exception": CI lost rank 1 of the DDP run so); clo.distributed.teardown does the same.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
