@@ -49,13 +49,16 @@ def main(path: str, mode: str) -> None:
         trainer.train()
         logs[cls.__name__] = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
         logs[cls.__name__ + ".setup"] = [trainer.accelerator.num_processes, trainer.accelerator.distributed_type.value]
+        print(f"rank {trainer.accelerator.process_index}: {cls.__name__} trained", file=sys.stderr, flush=True)
     if trainer.accelerator.is_main_process:
         Path(path).write_text(json.dumps(logs))
-    # Neither accelerate nor the Trainer destroys the group. A process that exits with a live gloo
-    # group can abort in interpreter teardown (SIGABRT, "terminate called without an active
-    # exception": CI lost rank 1 of the DDP run so); clo.distributed.teardown does the same.
+    # Neither accelerate nor the Trainer destroys the group, and a process that exits with a live
+    # gloo group can abort in interpreter teardown (SIGABRT, "terminate called without an active
+    # exception"), as clo.distributed.teardown found. CI once lost rank 1 of the DDP run that way
+    # after the last trainer's data was prepared; the lines on stderr say which phase ended.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    print(f"rank {trainer.accelerator.process_index}: group destroyed", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
