@@ -1,6 +1,8 @@
-"""Run under torchrun by tests/test_sharded_head.py: the fused head (hf.add_hidden_head) under FSDP2 on 2
-gloo ranks against one process on the global batch, lm_head in the root unit, lm_head as its
-own unit, and tied embeddings (in the root unit: FSDP2 keeps a shared parameter in one unit).
+"""Run under torchrun by tests/test_sharded_head.py: the fused head (hf.add_hidden_head) on 2 gloo
+ranks against one process. Under FSDP2 on the global batch split over the ranks: lm_head in the
+root unit, lm_head as its own unit, and tied embeddings (in the root unit: FSDP2 keeps a shared
+parameter in one unit). Under transformers' tensor parallelism (``DistributedConfig(tp_plan=
+"auto")``: lm_head's weight a DTensor sharded over the vocabulary) on the whole batch on each rank.
 3 SGD steps of sigmoid DPO, every parameter trained; rank 0 writes, per layout, each step's
 loss and gradient norm from both runs and the largest difference of lm_head's first gradient
 and of the final weights, as JSON to argv[1]."""
@@ -13,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from trainer_fixtures import tiny_llama
+from transformers import AutoModelForCausalLM
 
 import clo_kernels as ck
 from clo_kernels.integrations import hf
@@ -62,6 +66,32 @@ def train(model, ids, labels, ref, *, world: int) -> dict:
             "weights": {n: full(p).detach().clone() for n, p in model.named_parameters()}}
 
 
+def compare(sharded: dict, alone: dict) -> dict:
+    return {
+        "losses": [sharded["losses"], alone["losses"]], "norms": [sharded["norms"], alone["norms"]],
+        "head_grad_diff": (sharded["head_grad"] - alone["head_grad"]).abs().max().item(),
+        "head_grad_max": alone["head_grad"].abs().max().item(),
+        "weight_diff": max((sharded["weights"][n] - w).abs().max().item() for n, w in alone["weights"].items()),
+    }
+
+
+def tensor_parallel(path: str, ids, labels, ref) -> dict | None:
+    """Every rank sees the whole batch and holds a slice of each weight (None: a transformers
+    without DistributedConfig)."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return None
+    base = tiny_llama(V, seed=3).train()
+    alone = train(copy.deepcopy(base), ids, labels, ref, world=1)
+    folder = Path(path).with_name("tp_model")  # save_pretrained writes on rank 0 only
+    base.save_pretrained(folder)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_plan="auto"))
+    assert isinstance(model.lm_head.weight, DTensor), type(model.lm_head.weight)  # the plan did shard the head
+    return compare(train(model.train(), ids, labels, ref, world=1), alone)
+
+
 def main(path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -78,13 +108,8 @@ def main(path: str) -> None:
         if layout == "lm_head its own unit":
             fully_shard(model.lm_head)
         fully_shard(model)
-        sharded = train(model, ids[share], labels[share], ref[share], world=world)
-        results[layout] = {
-            "losses": [sharded["losses"], alone["losses"]], "norms": [sharded["norms"], alone["norms"]],
-            "head_grad_diff": (sharded["head_grad"] - alone["head_grad"]).abs().max().item(),
-            "head_grad_max": alone["head_grad"].abs().max().item(),
-            "weight_diff": max((sharded["weights"][n] - w).abs().max().item() for n, w in alone["weights"].items()),
-        }
+        results[layout] = compare(train(model, ids[share], labels[share], ref[share], world=world), alone)
+    results["tensor parallel"] = tensor_parallel(path, ids, labels, ref)
     if rank == 0:
         Path(path).write_text(json.dumps(results))
     dist.barrier()
