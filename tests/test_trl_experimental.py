@@ -100,6 +100,8 @@ def test_mean_logits_are_the_means_of_the_logits(softcap):
 
 
 def test_unsupported_settings_are_refused_by_name(tok, tmp_path):
+    from peft import PromptTuningConfig
+
     model, rows = tiny_llama(len(tok), seed=1), preference_rows()
     with pytest.raises(ValueError, match="label_smoothing must lie in"):
         FusedCPOTrainer(model=model, args=trainer_args(CPOConfig, tmp_path, label_smoothing=0.6), train_dataset=rows,
@@ -108,9 +110,14 @@ def test_unsupported_settings_are_refused_by_name(tok, tmp_path):
         FusedORPOTrainer(model=model, args=trainer_args(ORPOConfig, tmp_path, beta=0.0), train_dataset=rows,
                          processing_class=tok)
     model.config.logits_scaling = 4.0  # Granite-style scaled logits: the head cannot be reproduced
+    model.save_pretrained(tmp_path / "scaled")
     for cls, config in ((FusedCPOTrainer, CPOConfig), (FusedORPOTrainer, ORPOConfig)):
-        with pytest.raises(ValueError, match="logits_scaling"):
-            cls(model=model, args=trainer_args(config, tmp_path), train_dataset=rows, processing_class=tok)
+        for given in (model, str(tmp_path / "scaled")):  # the model, or the folder TRL would load it from
+            with pytest.raises(ValueError, match="logits_scaling"):
+                cls(model=given, args=trainer_args(config, tmp_path), train_dataset=rows, processing_class=tok)
+        with pytest.raises(ValueError, match="prompt-learning"):
+            cls(tiny_llama(len(tok)), trainer_args(config, tmp_path), None, rows, processing_class=tok,
+                peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(ValueError, match="impl must be one of"):
         FusedCPOTrainer(model=tiny_llama(len(tok)), args=trainer_args(CPOConfig, tmp_path), train_dataset=rows,
                         processing_class=tok, impl="cuda")

@@ -58,6 +58,42 @@ def split_lm(model: nn.Module) -> SplitLM:
     return SplitLM(backbone, head, getattr(config, "final_logit_softcapping", None))
 
 
+def model_problems(model, *, router_coef: Callable, processing_class=None, peft_config=None, init_kwargs=None,
+                   trust_remote_code: bool = False) -> list[str]:
+    """What rules the fused loss out for ``model`` (a causal LM, its peft wrapper, or the name or
+    folder a trainer loads it from, with ``init_kwargs``), for a trainer to refuse by name before
+    it builds anything: a processor for a tokenizer (a vision-language model), an encoder-decoder,
+    what split_lm refuses, a Mixture-of-Experts router loss (``router_coef(text_config)``: the
+    coefficient the trainer would add) and prompt-learning peft (virtual tokens)."""
+    from transformers import AutoConfig, ProcessorMixin
+
+    bad = []
+    if isinstance(processing_class, ProcessorMixin):
+        bad.append("a vision-language model (processing_class is a processor, not a tokenizer)")
+    if isinstance(model, str):
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                            revision=(init_kwargs or {}).get("revision"))
+    else:
+        config = model.config
+    text = config.get_text_config()
+    if config.is_encoder_decoder:
+        bad.append("an encoder-decoder model")
+    else:
+        try:
+            if isinstance(model, str):
+                check_config(text)
+            else:
+                split_lm(model)
+        except ValueError as err:
+            bad.append(str(err))
+    if coef := router_coef(text):
+        bad.append(f"a Mixture-of-Experts router loss (router_aux_loss_coef={coef}; set it to 0.0)")
+    peft_configs = [peft_config] + list(getattr(model, "peft_config", {}).values())
+    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs if c is not None):
+        bad.append("a prompt-learning peft method (virtual tokens shift the hidden states)")
+    return bad
+
+
 def one_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias):
     """(hidden, weight, bias) for the fused functions, which take one dtype. Under autocast they
     cast as F.linear does (_inputs.autocast_rule); outside it, hidden and bias take the weight's."""

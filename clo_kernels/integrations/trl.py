@@ -70,33 +70,14 @@ def _preference_objective(args, **tensors) -> PreferenceObjective:
 
 def _model_problems(model, args, processing_class, peft_config) -> list[str]:
     """What about the model rules the fused loss out, checked before TRL builds anything."""
-    from transformers import AutoConfig, ProcessorMixin
+    def router_coef(text) -> float:  # DPOTrainer adds the router loss of a model that has one
+        coef = getattr(text, "router_aux_loss_coef", 0.0) if args.router_aux_loss_coef is None \
+            else args.router_aux_loss_coef
+        return coef if hasattr(text, "output_router_logits") else 0.0
 
-    bad = []
-    if isinstance(processing_class, ProcessorMixin):
-        bad.append("a vision-language model (processing_class is a processor, not a tokenizer)")
-    if isinstance(model, str):
-        kwargs = args.model_init_kwargs or {}
-        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
-                                            revision=kwargs.get("revision"))
-    else:
-        config = model.config
-    text = config.get_text_config()
-    try:
-        if isinstance(model, str):
-            hf.check_config(text)
-        else:
-            hf.split_lm(model)
-    except ValueError as err:
-        bad.append(str(err))
-    coef = args.router_aux_loss_coef
-    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-    if hasattr(text, "output_router_logits") and coef:
-        bad.append(f"router_aux_loss_coef={coef} (a Mixture-of-Experts router loss; set it to 0.0)")
-    peft_configs = [peft_config] + list(getattr(model, "peft_config", {}).values())
-    if any(getattr(c, "is_prompt_learning", False) for c in peft_configs if c is not None):
-        bad.append("a prompt-learning peft method (virtual tokens shift the hidden states)")
-    return bad
+    return hf.model_problems(model, router_coef=router_coef, processing_class=processing_class,
+                             peft_config=peft_config, init_kwargs=args.model_init_kwargs,
+                             trust_remote_code=args.trust_remote_code)
 
 
 def bind_dpo_arguments(*args, **kwargs) -> dict:

@@ -22,12 +22,14 @@ nll_loss (CPO: 0 when cpo_alpha is 0, as TRL logs it), ORPO's log_odds_ratio and
 log_odds_chosen, and logits/{chosen,rejected}: the mean logit over the positions TRL averages
 (every position of the padded rows; ORPO: all but the last), one product with the head's mean row.
 
-Refused by name when the trainer is built: encoder-decoder models, models whose head the fused
-loss cannot reproduce (hf.split_lm), Mixture-of-Experts router losses, settings the objective
-refuses.
+Refused by name when the trainer is built, as FusedDPOTrainer refuses them (hf.model_problems):
+vision-language models, encoder-decoder models, heads the fused loss cannot reproduce,
+Mixture-of-Experts router losses, prompt-learning peft; and settings the objective refuses.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -71,16 +73,19 @@ def mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> to
         return means.reshape(hidden.shape[:-1])
 
 
+def _router_coef(text) -> float:
+    """The router loss coefficient CPOTrainer and ORPOTrainer add: the config's, where it asks for
+    router logits."""
+    return getattr(text, "router_aux_loss_coef", 0.0) if getattr(text, "output_router_logits", False) else 0.0
+
+
 class _FusedPairHead:
     """What both drop-ins share: the checks before TRL builds anything, the head inside the
     model's forward, and TRL's gathering of the metrics."""
 
     def __init__(self, model=None, args=None, *rest, impl: str = "auto", options: LogProbOptions | None = None,
                  **kwargs):
-        self._fused_setup(model, args, impl, options)
-        super().__init__(model, args, *rest, **kwargs)  # the TRL trainer's, next in the MRO
-
-    def _fused_setup(self, model, args, impl, options) -> None:
+        given = inspect.signature(super().__init__).bind(model, args, *rest, **kwargs).arguments
         _inputs.check_impl(impl)
         if options is not None and not isinstance(options, LogProbOptions):
             raise TypeError(f"options must be a clo_kernels.LogProbOptions, got {type(options).__name__}")
@@ -91,21 +96,16 @@ class _FusedPairHead:
                                 rejected=torch.zeros(0, dtype=torch.long))
             except ValueError as err:
                 bad.append(f"{type(args).__name__} settings the objective refuses ({err})")
-        if model is not None and not isinstance(model, str):
-            config = model.config
-            if config.is_encoder_decoder:
-                bad.append("an encoder-decoder model")
-            else:
-                try:
-                    hf.split_lm(model)
-                except ValueError as err:
-                    bad.append(str(err))
-            if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 0.0):
-                bad.append("a Mixture-of-Experts router loss (output_router_logits with router_aux_loss_coef)")
+        if model is not None:
+            bad += hf.model_problems(model, router_coef=_router_coef, processing_class=given.get("processing_class"),
+                                     peft_config=given.get("peft_config"),
+                                     init_kwargs=getattr(args, "model_init_kwargs", None),
+                                     trust_remote_code=getattr(args, "trust_remote_code", False))
         if bad:
             raise ValueError(f"{type(self).__name__} does not support: " + "; ".join(bad)
                              + f". trl.experimental's {type(self).__mro__[2].__name__} has its own head for these.")
         self._impl, self._options = impl, options
+        super().__init__(model, args, *rest, **kwargs)  # the TRL trainer's, next in the MRO
 
     def _run_head(self, model, input_ids, attention_mask, fn):
         """fn(hidden, weight, bias, softcap) inside the model's forward, on one dtype (under
