@@ -242,7 +242,9 @@ _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
 def test_the_chunk_loop_makes_no_host_sync(impl, dtype, device, monkeypatch):
     """The loop over chunks (products, row passes, autograd scales, fp16's dz scale, gradient
     products) reads nothing back to the host: no .item(), .tolist() or tensor truth value / int /
-    float. The plan before it makes the call's one sync, and validate=True's check one after it."""
+    float. The plan before it makes the call's one sync, and validate=True's check one after it.
+    On CUDA, torch's own sync debugging also raises on any synchronising call (a blocking copy,
+    nonzero, an allocation that waits), which the spies alone would not see."""
     b = make_case(device=device, dtype=dtype, bias=True, ref=True, seed=21)
     c, r, m = ck.quad_pairs(2, device=device)
     obj = ck.CLOObjective(chosen=c, rejected=r, nll_mask=m, ref_logps=b["ref_logps"])
@@ -266,8 +268,16 @@ def test_the_chunk_loop_makes_no_host_sync(impl, dtype, device, monkeypatch):
 
     for name in _SYNCS:
         monkeypatch.setattr(torch.Tensor, name, spy(name))
-    with torch.no_grad():
-        tok, (dh, dw, db) = loop.token_logps()
-    monkeypatch.undo()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            tok, (dh, dw, db) = loop.token_logps()
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     assert seen == []
     assert dh.dtype == dw.dtype == db.dtype == (torch.float32 if dtype == torch.float16 else dtype)
