@@ -449,6 +449,7 @@ def train_step(run: Run, step: int) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
+    lr = run.scheduler.get_last_lr()[0]  # the step's own; after scheduler.step() it is the next step's
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -459,7 +460,7 @@ def train_step(run: Run, step: int) -> dict:
     peak = parallel.all_reduce(torch.tensor(peak_memory_mb(device), device=device), d, op="max")
     dt = time.perf_counter() - t0
     row = {"step": step + 1, **{key: float(v) for key, v in zip(keys, totals.tolist(), strict=False)},
-           "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
+           "lr": lr, "grad_norm": float(grad_norm), "tokens/s": float(totals[-1]) / dt,
            "step_s": dt, "peak_mem_mb": float(peak)}
     if not layout.pairs:  # sft: no pair metrics
         row = {key: v for key, v in row.items() if not key.startswith(("rewards/", "logps/"))}

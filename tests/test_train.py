@@ -56,7 +56,18 @@ def test_loss_falls_on_a_fixed_batch(llama_dir, tmp_path):
     for key in ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens/s", "peak_mem_mb"):
         assert key in rows[-1] and rows[-1][key] is not None, key
+    assert [r["lr"] for r in rows] == [1e-2] * 20  # no warmup, min_lr_ratio 1: constant
+    assert all(r["peak_mem_mb"] > 1 for r in rows)  # (grad_norm and tokens/s: test_loss_normalisation)
     assert (tmp_path / "metrics.png").exists()
+
+
+def test_the_logged_lr_is_each_steps_own(llama_dir, tmp_path):
+    """Two warmup steps, then a cosine down to 0.1 of lr over the remaining three: the factors
+    1/3, 2/3, 1, 0.1 + 0.45 (1 + cos(pi/3)), 0.1 + 0.45 (1 + cos(2 pi/3)), the value each step ran
+    with (the scheduler's last lr after its step would be the next step's)."""
+    train(train_config(llama_dir, tmp_path, max_steps=5, warmup_steps=2, min_lr_ratio=0.1, lr=1e-3))
+    want = [1 / 3, 2 / 3, 1.0, 0.775, 0.325]
+    assert [r["lr"] for r in metrics(tmp_path)] == pytest.approx([1e-3 * f for f in want], rel=1e-12)
 
 
 def synthetic_quads(n: int, vocab: int, seed: int = 0) -> list[D.Encoded]:
