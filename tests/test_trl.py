@@ -145,11 +145,13 @@ def test_precomputed_reference_is_computed_by_the_fused_head(tok, tmp_path):
 
     model = tiny_llama(len(tok), seed=1)
     args = dpo_args(tmp_path, precompute_ref_log_probs=True)
-    DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=preference_rows(), processing_class=tok)
+    trl_own = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=preference_rows(),
+                         processing_class=tok)
     trainer = Counting(model=model, args=args, train_dataset=preference_rows(), processing_class=tok)
     assert sum(calls) == 2 * 12
-    ref = torch.tensor(trainer.train_dataset["ref_chosen_logps"])
-    assert torch.isfinite(ref).all() and (ref < 0).all()
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):  # the same values as TRL's own head's
+        got, want = (torch.tensor(t.train_dataset[key], dtype=torch.float64) for t in (trainer, trl_own))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=key)
 
 
 UNSUPPORTED = {
