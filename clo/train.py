@@ -351,7 +351,7 @@ def setup_objective(run: Run) -> None:
     run.model = select_trainable(run.model, cfg.trainable, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  attention_modules=cfg.attention_modules)
     if cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto" and device.type == "cuda"):
-        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(run.model)
     n_train = sum(p.numel() for p in trainable_parameters(run.model).values())
     n_total = sum(p.numel() for p in run.model.parameters())
     log.info("training %s parameters of %s (%.1f%%): %s; %d process(es), %s", f"{n_train:,}", f"{n_total:,}",
@@ -397,6 +397,14 @@ def setup_reference(run: Run, *, seen: list[int]) -> None:
             # load into (set_model_state_dict fails on gathered ones).
             run.objective.reshard()
     run.objective.train()
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing; transformers 5.25 renamed the call (the old name warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
