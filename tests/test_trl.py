@@ -299,7 +299,7 @@ def test_the_patched_forward_leaves_logits_and_generation_alone(tok):
 def distributed_logs(tmp_path, mode: str) -> dict:
     """tests/trl_dist_script.py under torchrun on 2 gloo ranks, ``mode`` "ddp" or "zero3": the
     logs of trl.DPOTrainer, FusedDPOTrainer and CLOTrainer (under ZeRO-3 also of TRL's CPO and
-    ORPO trainers and their drop-ins)."""
+    ORPO trainers and their drop-ins, and the models two of them save in tmp_path / "saved")."""
     import json
     import os
     import sys
@@ -325,22 +325,22 @@ def test_fused_dpo_trainer_under_ddp_logs_what_trl_logs(ddp_logs):
     """2 gloo ranks under torchrun: the loss runs inside DDP's forward, so gradients are
     averaged over ranks as TRL's are (unsynchronised ranks would drift apart from step 2)."""
     for name in ("DPOTrainer", "FusedDPOTrainer", "CLOTrainer"):
-        assert ddp_logs[name + ".setup"] == [2, "MULTI_CPU"], name
+        assert ddp_logs[name + ".setup"] == [2, "MULTI_CPU", 2], name
     assert_same_logs(ddp_logs["FusedDPOTrainer"], ddp_logs["DPOTrainer"])
 
 
 def test_clo_trainer_under_ddp_logs_what_one_process_logs_with_the_ranks_batches_accumulated(ddp_logs, tok,
                                                                                             tmp_path):
-    """CLOTrainer on 2 ranks of 1 quad each against one process taking the same 2 quads as 2
-    accumulated micro-batches of 1 (the Trainer normalises per micro-batch in both, and the ranks'
-    batches are the sampler's consecutive ones): the same logs over 3 steps, nll included. The
+    """CLOTrainer on 2 ranks accumulating 2 micro-batches of 1 quad each against one process taking
+    the same 4 quads as 4 accumulated micro-batches of 1 (the Trainer normalises per micro-batch in
+    both, and the ranks take the sampler's batches in turn): the same logs over 3 steps. The
     DDP run is otherwise compared only with CLOTrainer's own ZeRO-3 run. Not the mean logits and
     token accuracy: TRL aggregates those over the ranks' gathered tokens under DDP but averages the
     micro-batches' values under accumulation, and trl.DPOTrainer's differ between the two runs too."""
     model = tiny_llama(len(tok), seed=1).train()
     trainer = CLOTrainer(model=model, ref_model=copy.deepcopy(model), train_dataset=demo_quads(),
                          processing_class=tok,
-                         args=clo_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2))
+                         args=clo_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4))
     trainer.train()
     one = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
     keys = [k for k in LOGGED if not k.startswith(("logits/", "mean_token"))] + ["nll"]
@@ -349,27 +349,38 @@ def test_clo_trainer_under_ddp_logs_what_one_process_logs_with_the_ranks_batches
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (the dev extra)")
 def test_under_deepspeed_zero3_the_head_reads_the_gathered_weight_and_its_gradient_reaches_the_partitions(
-        ddp_logs, tmp_path):
+        ddp_logs, tok, tmp_path):
     """ZeRO-3 on 2 gloo ranks, every parameter partitioned (lm_head's is an empty tensor outside
-    its module's forward: the head runs as that forward, hf.call_as_forward). FusedDPOTrainer logs
-    what trl.DPOTrainer logs under ZeRO-3 (loss, gradient norm, rewards over 3 steps: the updates
-    reached the partitions), FusedCPOTrainer and FusedORPOTrainer what TRL's CPOTrainer and
-    ORPOTrainer log, and CLOTrainer under ZeRO-3 what it logs under DDP."""
+    its module's forward: the head runs as that forward, hf.call_as_forward), 2 micro-batches
+    accumulated per step (where Liger's fused DPO failed after its gather fix, TRL issue 4544).
+    FusedDPOTrainer logs what trl.DPOTrainer logs under ZeRO-3 (loss, gradient norm, rewards over
+    3 steps: the updates reached the partitions) and saves the model trl.DPOTrainer saves, gathered
+    from the partitions and trained; FusedCPOTrainer and FusedORPOTrainer log what TRL's CPOTrainer
+    and ORPOTrainer log, and CLOTrainer under ZeRO-3 what it logs under DDP."""
     from test_trl_experimental import LOGGED as CPO_LOGGED  # here: test_trl_experimental imports this module
     from test_trl_experimental import ORPO_LOGGED
     from test_trl_experimental import assert_same_logs as assert_same_keys
+    from transformers import AutoModelForCausalLM
 
     zero3 = distributed_logs(tmp_path, "zero3")
     for name in ("DPOTrainer", "FusedDPOTrainer", "CLOTrainer"):
-        assert zero3[name + ".setup"] == [2, "DEEPSPEED"], name
+        assert zero3[name + ".setup"] == [2, "DEEPSPEED", 2], name
     assert_same_logs(zero3["FusedDPOTrainer"], zero3["DPOTrainer"])
     assert_same_logs(zero3["DPOTrainer"], ddp_logs["DPOTrainer"])  # ZeRO-3 trains as DDP does
     for trl_name, keys in (("CPOTrainer", CPO_LOGGED), ("ORPOTrainer", ORPO_LOGGED)):
-        assert zero3["Fused" + trl_name + ".setup"] == [2, "DEEPSPEED"]
+        assert zero3["Fused" + trl_name + ".setup"] == [2, "DEEPSPEED", 2]
         assert_same_keys(zero3["Fused" + trl_name], zero3[trl_name], keys)
-    assert_same_keys(zero3["CLOTrainer"], ddp_logs["CLOTrainer"],
+    assert_same_logs(zero3["CLOTrainer"], ddp_logs["CLOTrainer"],  # rewards within their sums' rounding
                      ("loss", "grad_norm", "nll", "rewards/margins", "logps/chosen"))
     assert ddp_logs["CLOTrainer"][-1]["loss"] != ddp_logs["CLOTrainer"][0]["loss"]
+    start = dict(tiny_llama(len(tok), seed=1).named_parameters())
+    trl_saved, ours = (dict(AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / name).named_parameters())
+                       for name in ("DPOTrainer", "FusedDPOTrainer"))
+    assert set(ours) == set(trl_saved) == set(start)
+    for name, p in ours.items():
+        assert p.shape == start[name].shape, name  # whole, not a partition
+        torch.testing.assert_close(p, trl_saved[name], rtol=0, atol=1e-5, msg=name)
+    assert (ours["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 1e-2  # trained, then saved
 
 
 def test_in_bf16_autocast_the_fused_trainer_stays_as_close_to_fp32_as_trl(tok, tmp_path):
