@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     import clo_kernels as ck
     impl, backward, N, V, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    stats = ck.ROW_STATS if sys.argv[6] == "stats" else ()
+    variant = sys.argv[6]  # "", "stats" (every row statistic), "ul" (the unlikelihood term), "ul alone"
     # [chunk, V] buffers of 32 MiB (an eighth to a sixteenth of one fp32 [N, V]); for Triton large
     # tiles too (the interpreter is slow per program).
     tiles = dict(block_m=128, block_v=1024, block_k=16) if impl == "triton" else {}
@@ -32,14 +32,20 @@ SCRIPT = textwrap.dedent("""
     y = torch.randint(0, V, (N,))
     seq = torch.arange(N) * S // N
     c, r, m = ck.quad_pairs(S // 4)
+
+    def loss(h, y, seq):
+        if variant == "ul alone":
+            return ck.unlikelihood_loss(h, w, y, seq_ids=seq, num_seqs=S, impl=impl, options=opts)
+        extra = dict(unlikelihood=1.0, unlikelihood_mask=m) if variant == "ul" else {}
+        return ck.fused_linear_clo_loss(h, w, y, seq_ids=seq, chosen=c, rejected=r, nll_mask=m, impl=impl,
+                                        options=opts, row_stats=ck.ROW_STATS if variant == "stats" else (),
+                                        **extra).loss
+
     # warm up allocator and kernels on a tiny batch so one-time costs stay out of the delta
-    ck.fused_linear_clo_loss(h[:64], w, y[:64], seq_ids=seq[:64] * 0 + torch.arange(64) % S,
-                             chosen=c, rejected=r, nll_mask=m, impl=impl, options=opts).loss.backward()
+    loss(h[:64], y[:64], seq[:64] * 0 + torch.arange(64) % S).backward()
     h.grad = None; w.grad = None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = ck.fused_linear_clo_loss(h, w, y, seq_ids=seq, chosen=c, rejected=r, nll_mask=m, impl=impl, options=opts,
-                                   row_stats=stats)
-    out.loss.backward()
+    loss(h, y, seq).backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024)
 """)
@@ -55,10 +61,14 @@ def _peak_growth(impl: str, backward: str, N: int, V: int, D: int, stats: str = 
 
 # The Triton two-pass path's buffer is the same chunk_bytes rule as the torch one's (checked here)
 # and is measured on CUDA (test_gpu.py); interpreted at this size it would take 45 s of CI.
-# "stats": with every row statistic (options.ROW_STATS), which must add no [N, V] tensor either.
+# "stats": with every row statistic (options.ROW_STATS), which must add no [N, V] tensor either;
+# "ul": with the unlikelihood term in the same call, "ul alone": unlikelihood_loss by itself.
 CASES = [("torch", "one_pass", 8192, 32768, 32, ""), ("torch", "staged", 8192, 32768, 32, ""),
-         ("torch", "one_pass", 8192, 32768, 32, "stats"), ("torch", "staged", 8192, 32768, 32, "stats")] + (
-    [("triton", "one_pass", 4096, 32768, 16, ""), ("triton", "one_pass", 4096, 32768, 16, "stats")]
+         ("torch", "one_pass", 8192, 32768, 32, "stats"), ("torch", "staged", 8192, 32768, 32, "stats"),
+         ("torch", "one_pass", 8192, 32768, 32, "ul"), ("torch", "staged", 8192, 32768, 32, "ul"),
+         ("torch", "one_pass", 8192, 32768, 32, "ul alone")] + (
+    [("triton", "one_pass", 4096, 32768, 16, ""), ("triton", "one_pass", 4096, 32768, 16, "stats"),
+     ("triton", "one_pass", 4096, 32768, 16, "ul")]
     if HAVE_TRITON else [])
 
 
