@@ -23,10 +23,10 @@ def run(cmd: list[str], *, what: str, alone_s: float, **kwargs) -> subprocess.Co
     except subprocess.TimeoutExpired as err:
         tail = err.stderr or err.stdout or b""
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        raise _expired(f"{what} did not finish", alone_s, f"{' '.join(map(str, cmd))[:500]}\n{tail[-3000:]}") from None
+        raise expired(f"{what} did not finish", alone_s, f"{' '.join(map(str, cmd))[:500]}\n{tail[-3000:]}") from None
 
 
-def _expired(what: str, alone_s: float, output: str) -> AssertionError:
+def expired(what: str, alone_s: float, output: str) -> AssertionError:
     """The failure of children past MARGIN x alone_s: what, the limit, the machine's load, their output."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return AssertionError(f"{what} within {MARGIN * alone_s:.0f} s ({MARGIN} x the {alone_s:.0f} s it takes alone; "
@@ -63,5 +63,5 @@ def run_together(cmds: list[tuple[list[str], dict]], *, what: str, alone_s: floa
     if hung:
         tails = "".join(f"\n--- {i} ({' '.join(map(str, done[i].args))[:300]}):\n{done[i].stderr[-2000:]}"
                         for i in range(len(done)))
-        raise _expired(f"{what}: {hung} did not finish", alone_s, tails)
+        raise expired(f"{what}: {hung} did not finish", alone_s, tails)
     return done

@@ -64,9 +64,11 @@ def torchrun_command(out: Path, *extra: str, nproc: int = 2, **options) -> tuple
     return cmd, env
 
 
-def torchrun(out: Path, *extra: str, nproc: int = 2, **options) -> subprocess.CompletedProcess:
+def torchrun(out: Path, *extra: str, nproc: int = 2, alone_s: float = 30, **options) -> subprocess.CompletedProcess:
+    """``alone_s``: what the run takes alone (children.run); 30 s covers the few-step runs here."""
     cmd, env = torchrun_command(out, *extra, nproc=nproc, **options)
-    proc = children.run(cmd, env=env, what="torchrun -m clo train (2 ranks)", alone_s=30)
+    proc = children.run(cmd, env=env, what=f"torchrun -m clo train ({nproc} ranks, {' '.join(extra)})",
+                        alone_s=alone_s)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -197,17 +199,23 @@ def test_a_rank_killed_mid_run_leaves_a_checkpoint_that_resumes_on_the_same_traj
     log = tmp_path / "killed.log"  # a file, not a pipe: nothing blocks the run while this test waits
     with log.open("w") as stderr:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        latest, deadline = out / "checkpoints" / "LATEST", time.monotonic() + 600
+        # alone: about 15 s to the first checkpoint; torchrun ends a few seconds after the kill
+        latest, first_s, stop_s = out / "checkpoints" / "LATEST", 15, 5
+        deadline = time.monotonic() + children.MARGIN * first_s
         while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not latest.exists() and proc.poll() is None:
+            proc.kill()
+            raise children.expired("the 2-rank run to be killed wrote no checkpoint", first_s, log.read_text()[-3000:])
         workers = sorted(_children(proc.pid))
         assert proc.poll() is None and len(workers) == 2, f"the run ended before a rank could be killed: {workers}"
         os.kill(workers[1], signal.SIGKILL)
         try:
-            proc.wait(timeout=300)
+            proc.wait(timeout=children.MARGIN * stop_s)
         except subprocess.TimeoutExpired:
             proc.kill()
-            pytest.fail("torchrun did not stop within 300 s of a rank's SIGKILL")
+            raise children.expired("torchrun did not stop after a rank's SIGKILL", stop_s,
+                                   log.read_text()[-3000:]) from None
     err = log.read_text()
     assert proc.returncode != 0
     assert "SIGKILL" in err or "Signal 9" in err, err[-3000:]
