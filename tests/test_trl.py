@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 
 import children
 import pytest
@@ -240,14 +241,44 @@ def test_clo_trainer_loss_is_the_fused_loss_of_the_four_sequences(precompute, un
                       nll_weight=0.3, shift=True)[0]
     if unlikelihood:
         ul_mask = torch.tensor([True, False, True, False] * 2)
-        expected = expected + unlikelihood * oracle_unlikelihood(*args, mask=ul_mask, shift=True)
+        ul = oracle_unlikelihood(*args, mask=ul_mask, shift=True)
+        expected = expected + unlikelihood * ul
+        assert trainer._metrics["train"]["unlikelihood"] == [pytest.approx(ul.item(), rel=1e-5)]  # the logged term
+        assert unlikelihood * ul.item() > 1e-3 * loss.item()  # far above the loss's tolerance
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    if unlikelihood:  # the term is in the loss, far above the tolerance (random heads give it little)
-        assert trainer._metrics["train"]["unlikelihood"]
-        assert unlikelihood * trainer._metrics["train"]["unlikelihood"][-1] > 1e-3 * loss.item()
     (g,) = torch.autograd.grad(loss, model.lm_head.weight)
     (g64,) = torch.autograd.grad(expected, model.lm_head.weight)
     torch.testing.assert_close(g, g64.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_clo_trainer_with_a_softcapped_head_is_the_loss_on_the_models_own_logits(tok, tmp_path):
+    """A tiny Gemma 2 whose final logit softcapping its logits feel (0.3 tanh(z / 0.3)): CLOTrainer's
+    loss and lm_head gradient against the CLO loss written out on the HF model's own (softcapped)
+    logits in float64."""
+    model = tiny_gemma2(len(tok), softcap=0.3).train()
+    trainer = CLOTrainer(model=model, ref_model=copy.deepcopy(model), args=clo_args(tmp_path),
+                         train_dataset=demo_quads(), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    loss = trainer.compute_loss(trainer.model, batch)
+    (grad,) = torch.autograd.grad(loss, trainer.model.lm_head.weight)
+
+    # the same model built again (accelerate's forward wrapper, on trainer.model, would make a deep
+    # copy run trainer.model's weights)
+    model64 = tiny_gemma2(len(tok), softcap=0.3).double()
+    torch.testing.assert_close(model64.lm_head.weight, trainer.model.lm_head.weight.double(), rtol=0, atol=0)
+    logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    token_lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    sums, counts = (token_lp * keep).sum(1), keep.sum(1)
+    c, r, m = ck.quad_pairs(2)
+    ref = sums.detach()  # the reference is the model before training
+    pair = torch.nn.functional.softplus(-0.1 * ((sums[c] - ref[c]) - (sums[r] - ref[r]))).mean()
+    nll = -sums[m].sum() / counts[m].sum()
+    expected = 0.3 * nll + 0.7 * pair
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    (grad64,) = torch.autograd.grad(expected, model64.lm_head.weight)
+    torch.testing.assert_close(grad, grad64.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_clo_trainer_loss_falls_and_precompute_gives_the_same_run(tok, tmp_path):
@@ -294,6 +325,27 @@ def test_the_patched_forward_leaves_logits_and_generation_alone(tok):
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), greedy)
     hidden, weight = model(input_ids=ids, head_fn=lambda h, w, b, softcap: (h, w))
     assert hidden.shape == (1, ids.shape[1], model.config.hidden_size) and weight is model.lm_head.weight
+
+
+def test_a_copy_or_pickle_of_a_patched_model_runs_its_own_weights(tok, tmp_path):
+    """copy.deepcopy (TRL's create_reference_model, an EMA copy) and torch.save of the whole
+    model: the copy's logits and fused head read the copy's weights, not the original's."""
+    from clo_kernels.integrations import hf
+
+    model = tiny_llama(len(tok), seed=2)
+    hf.add_hidden_head(model)
+    ids = torch.tensor([tok("Wie backe ich Brot?")["input_ids"]])
+    torch.save(model, tmp_path / "model.pt")
+    copies = [copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)]  # our own file
+    for twin in copies:
+        with torch.no_grad():
+            twin.lm_head.weight.mul_(2)
+        _, weight = twin(input_ids=ids, head_fn=lambda h, w, b, softcap: (h, w))
+        assert weight is twin.lm_head.weight
+        assert not torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+        torch.testing.assert_close(twin(input_ids=ids).logits, twin.lm_head(twin.model(ids).last_hidden_state))
+        assert list(inspect.signature(twin.forward).parameters) == list(inspect.signature(model.forward).parameters)
+    assert "input_ids" in inspect.signature(model.forward).parameters  # the model's own, for the Trainer
 
 
 def distributed_logs(tmp_path, mode: str) -> dict:

@@ -9,7 +9,7 @@ reproduce (a logit scale) rather than train on the wrong objective.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,16 +112,39 @@ def add_hidden_head(model: nn.Module) -> None:
     forward is unchanged (generation too). Calling the outermost wrapper keeps DDP's, FSDP2's
     and peft's hooks around the loss: under FSDP2 the head runs where the root unit's weight is
     gathered. Idempotent. Backbone and head are looked up on every call, since FSDP and peft
-    replace parameters after patching."""
+    replace parameters after patching; a deep copy or a pickle of the model carries the patch
+    and runs its own weights."""
     if getattr(model.forward, "_clo_hidden_head", False):
         return
-    inner = model.forward
+    model.forward = _ForwardWithHead(model, model.forward)
 
-    @functools.wraps(inner)
-    def forward(*args, head_fn: HeadFn | None = None, **kwargs):
+
+class _ForwardWithHead:
+    """The patched ``model.forward`` of add_hidden_head. An object holding the model, not a
+    closure over it: copy.deepcopy and pickle rebuild it around the copy (a closure would go on
+    running the original model's weights, and pickles as a function it is not). The class's own
+    forward is kept unbound and bound to the model on each call, for the same reason."""
+
+    _clo_hidden_head = True
+
+    def __init__(self, model: nn.Module, inner: Callable):
+        self.model = model
+        bound_here = getattr(inner, "__self__", None) is model
+        self.unbound = inner.__func__ if bound_here else None
+        self.other = None if bound_here else inner  # a forward someone else already replaced
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self.unbound.__get__(self.model) if self.unbound is not None else self.other
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # the model's own, for the Trainer's column checks
+        return inspect.signature(self.__wrapped__)
+
+    def __call__(self, *args, head_fn: HeadFn | None = None, **kwargs):
         if head_fn is None:
-            return inner(*args, **kwargs)
-        split = split_lm(model)
+            return self.__wrapped__(*args, **kwargs)
+        split = split_lm(self.model)
         kwargs["use_cache"] = False
         hidden = split.backbone(*args, **kwargs).last_hidden_state
 
@@ -133,9 +156,6 @@ def add_hidden_head(model: nn.Module) -> None:
             return head_fn(hidden.to(weight.device), weight, bias, split.softcap)
 
         return call_as_forward(split.head, head, hidden)
-
-    forward._clo_hidden_head = True
-    model.forward = forward
 
 
 def call_as_forward(module: nn.Module, fn: Callable, *args):
