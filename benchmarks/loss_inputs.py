@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +175,12 @@ def save_batch(b: Batch, path: Path) -> None:
 
 
 def load_batch(path: Path) -> Batch:
-    d = torch.load(path, weights_only=True)
+    """A batch save_batch wrote, read without running code (weights_only); anything more is refused by name."""
+    try:
+        d = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain containers; refused, as loading it "
+                         f"could run code ({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
     b = Batch(**d["tensors"], softcap=d["softcap"], beta=d["beta"], nll_weight=d["nll_weight"])
     b.hidden.requires_grad_()
     b.weight.requires_grad_()

@@ -144,3 +144,17 @@ def test_resume_from_a_checkpoint_that_would_run_code(tmp_path):
     assert not marker.exists()
     torch.save({"ok": torch.ones(2)}, cache)
     assert torch.equal(load_tensors(cache)["ok"], torch.ones(2))  # plain tensors still load
+
+
+def test_a_benchmark_input_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    """bench_loss's batches cross into its memory subprocesses as files: read with weights_only."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from loss_inputs import load_batch
+
+    marker, path = tmp_path / "code-ran", tmp_path / "batch.pt"
+    torch.save({"tensors": {}, "softcap": _RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match=f"{path} holds more than tensors"):
+        load_batch(path)
+    assert not marker.exists()
