@@ -210,13 +210,14 @@ def tell(error: Exception | None, d: Dist) -> None:
 
 
 def check_same(value, d: Dist, what: str) -> None:
-    """Fail on every rank when the ranks disagree (different files or models per node)."""
+    """Fail on every rank, with the same one-line UserError, when the ranks disagree (different
+    files or models per node: the user's set-up, not a bug)."""
     if d.world == 1:
         return
     values = [None] * d.world
     dist.all_gather_object(values, value)
     if any(v != values[0] for v in values):
-        raise RuntimeError(f"ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+        raise UserError(f"ranks disagree on {what}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:

@@ -316,10 +316,11 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("clo train: error: ")]
 
 
-@pytest.mark.parametrize("fault", ["data file missing", "bad row", "config file missing"])
+@pytest.mark.parametrize("fault", ["data file missing", "bad row", "config file missing", "other rows"])
 def test_an_error_one_node_alone_meets_ends_every_rank_with_the_same_line(tied_llama, tmp_path, fault):
     """Node 1's copy of a file is missing or has a bad row: both ranks end (no wait for the
-    collective timeout) with exit code 2 and the same one-line error, naming rank 1 and the file."""
+    collective timeout) with torchrun failing and the same one-line error, naming rank 1 and the file.
+    Node 1's copy holds other rows: the same, naming the fingerprints the ranks disagree on."""
     from clo.data import demo_path
 
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -331,6 +332,8 @@ def test_an_error_one_node_alone_meets_ends_every_rank_with_the_same_line(tied_l
         (nodes[1] / "quads.jsonl").write_text("\n".join(rows[:3] + ["{not json"] + rows[3:]) + "\n")
     elif fault == "config file missing":
         (nodes[1] / "quads.jsonl").write_text("\n".join(rows) + "\n")
+    elif fault == "other rows":
+        (nodes[1] / "quads.jsonl").write_text("\n".join(rows[:5]) + "\n")
     flags = ["--model", tied_llama, "--data", "quads.jsonl", "--device", "cpu", "--max-steps", "2",
              "--max-length", "96", "--on-bad-row", "error", "--dist-timeout-min", "30"]
     if fault == "config file missing":
@@ -341,6 +344,9 @@ def test_an_error_one_node_alone_meets_ends_every_rank_with_the_same_line(tied_l
     for p, found in zip(procs, lines, strict=True):
         assert p.returncode != 0 and len(found) == 1, p.stderr[-4000:]
     assert lines[0] == lines[1], lines
+    if fault == "other rows":
+        assert lines[0][0].startswith("clo train: error: ranks disagree on the model and data fingerprints")
+        return
     expected = {"data file missing": "quads.jsonl", "bad row": "line 4", "config file missing": "run.yaml"}[fault]
     assert lines[0][0].startswith("clo train: error: rank 1 of 2: ") and expected in lines[0][0], lines[0]
     assert not (nodes[0] / "out").exists()  # refused before any file was written
