@@ -139,4 +139,5 @@ def _check_step_one(row, cfg, llama_dir):
                                                     rel=1e-5)
         assert row["logps/rejected"] == pytest.approx(num(sum(terms[q, r][0] for q, _, r in pairs) / len(pairs)),
                                                       rel=1e-5)
-        assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+        for key in ("rewards/margins", "rewards/chosen", "rewards/rejected"):  # beta (logp - ref logp), ref = policy
+            assert row[key] == pytest.approx(0.0, abs=1e-4), key
