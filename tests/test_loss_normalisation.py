@@ -37,9 +37,10 @@ def _full_logit_terms(model_dir, cfg, layout):
     quads, report = T.load_training_quads(cfg)
     encoded, _ = T.encode_training_quads(cfg, quads, report, tok)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    projections = {n: p for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in PROJECTIONS}
-    for p in model.parameters():
-        p.requires_grad_(any(p is q for q in projections.values()))
+    projections = [p for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in PROJECTIONS]
+    model.requires_grad_(False)
+    for p in projections:
+        p.requires_grad_(True)
     out = {}
     for q, enc in enumerate(encoded):
         for k in layout.sequences:
@@ -51,7 +52,7 @@ def _full_logit_terms(model_dir, cfg, layout):
             keep = target != -100
             lp = torch.log_softmax(pred[keep], -1).gather(1, target[keep][:, None]).sum()
             out[q, k] = (lp, int(keep.sum()), hidden, y)
-    return encoded, out, model.lm_head.weight.detach(), list(projections.values())
+    return encoded, out, model.lm_head.weight.detach(), projections
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")

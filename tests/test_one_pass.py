@@ -237,6 +237,28 @@ def test_the_test_chunks_are_several(impl, device):
 _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
 
 
+def _spy_syncs(monkeypatch, names, *, called_from: str | None = None) -> list[str]:
+    """Wrap the torch.Tensor methods ``names``: the returned list records each call's name (only
+    calls whose caller's file is under ``called_from``, when given) until monkeypatch.undo()."""
+    import traceback
+
+    seen = []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def call(self, *a, **k):
+            if called_from is None or traceback.extract_stack(limit=2)[0].filename.startswith(called_from):
+                seen.append(name)
+            return real(self, *a, **k)
+
+        return call
+
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    return seen
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("impl", FUSED)
 def test_the_chunk_loop_makes_no_host_sync(impl, dtype, device, monkeypatch):
@@ -255,19 +277,7 @@ def test_the_chunk_loop_makes_no_host_sync(impl, dtype, device, monkeypatch):
     assert len(plan.bounds) >= 3  # several chunks
     loop = OP._Loop(batch=batch, weight=b["weight"], bias=b["bias"], opts=opts, impl=impl, plan=plan, objective=obj,
                     need=(True, True, True))
-    seen = []
-
-    def spy(name):
-        real = getattr(torch.Tensor, name)
-
-        def call(self, *a, **k):
-            seen.append(name)
-            return real(self, *a, **k)
-
-        return call
-
-    for name in _SYNCS:
-        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    seen = _spy_syncs(monkeypatch, _SYNCS)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -299,26 +309,10 @@ def test_a_whole_call_makes_only_its_documented_host_syncs(impl, backward, monke
     sync (the plan's token counts and pairs), none in the Triton two-pass launchers, and the
     torch two-pass path's row selection, as their docstrings say; nothing else reads back."""
     import os
-    import traceback
 
-    package = os.path.dirname(ck.__file__)
     b = make_case(device="cpu", bias=True, ref=True, seed=3)
     c, r, m = ck.quad_pairs(2)
-    seen = []
-
-    def spy(name):
-        real = getattr(torch.Tensor, name)
-
-        def call(self, *a, **k):
-            caller = traceback.extract_stack(limit=2)[0].filename
-            if caller.startswith(package):
-                seen.append(name)
-            return real(self, *a, **k)
-
-        return call
-
-    for name in _CALL_SYNCS:
-        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    seen = _spy_syncs(monkeypatch, _CALL_SYNCS, called_from=os.path.dirname(ck.__file__))
     out = ck.fused_linear_clo_loss(b["hidden"], b["weight"], b["labels"], chosen=c, rejected=r, nll_mask=m,
                                    ref_logps=b["ref_logps"], bias=b["bias"], shift=True, impl=impl, validate=False,
                                    options=ck.LogProbOptions(backward=backward))

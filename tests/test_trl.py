@@ -262,8 +262,8 @@ def test_clo_trainer_with_a_softcapped_head_is_the_loss_on_the_models_own_logits
     loss = trainer.compute_loss(trainer.model, batch)
     (grad,) = torch.autograd.grad(loss, trainer.model.lm_head.weight)
 
-    # the same model built again (accelerate's forward wrapper, on trainer.model, would make a deep
-    # copy run trainer.model's weights)
+    # the same model built again: TRL's own fused-head patch on trainer.model (add_fused_lm_head,
+    # a closure over the original forward) would make a deep copy run trainer.model's weights
     model64 = tiny_gemma2(len(tok), softcap=0.3).double()
     torch.testing.assert_close(model64.lm_head.weight, trainer.model.lm_head.weight.double(), rtol=0, atol=0)
     logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
